@@ -1,0 +1,131 @@
+"""Configuration schemas. Values live in YAML under conf/; these dataclasses give them types,
+defaults and one comment per field, and are registered in Hydra's ConfigStore."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RewardConfig:
+    metric: str = MISSING  # key in the evaluator's metrics JSON
+    transform: str = "identity"  # identity | reciprocal | negate: reward = f(metric)
+    direction: str = "maximize"  # the reward is always maximised; kept explicit for readers
+    baseline: float = MISSING  # reward of the unmodified baseline (measured)
+    metric_min: float | None = None  # metric outside [min, max] -> invalid_result (reward hacks)
+    metric_max: float | None = None
+
+
+@dataclass
+class ResourcesConfig:
+    gpus: int = 0  # GPUs per trial; 8 takes a whole node
+    cpus: int = 1  # CPU threads per trial
+    mem_gb: int = 4  # memory per trial
+
+
+@dataclass
+class EnvConfig:
+    name: str = MISSING
+    description: str = ""  # what the environment is, for the ideator's prompt
+    dir: str = MISSING  # environment directory, absolute or relative to the repository root
+    baseline: str = "baseline"  # subdirectory copied fresh into every workspace
+    editable: list[str] = field(default_factory=list)  # globs (relative to baseline/) ideas may change
+    protected: list[str] = field(default_factory=list)  # frozen files, byte-checked after each run
+    hidden_from_implementer: list[str] = field(default_factory=list)  # not shown in implementer prompts
+    run_command: list[str] = MISSING  # argv; {python} {gpus} {cpus} are substituted
+    eval_command: list[str] = MISSING  # argv, run in a pristine copy of baseline/
+    data_dir: str = "data"  # relative to dir, or absolute
+    prepare_command: list[str] | None = None  # builds data_dir (cwd baseline/)
+    auto_prepare: bool = False  # cheap and offline: the driver runs prepare_command when data is missing
+    requires: list[str] = field(default_factory=list)  # files under data_dir that must exist
+    extra_env: dict[str, str] = field(default_factory=dict)  # extra variables for run and eval
+    catalog: str | None = None  # idea catalog for the offline stand-in, relative to dir
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    budget_s: int = MISSING  # training budget, exported as HPCX_TIME_BUDGET_S
+    hard_limit_s: int = MISSING  # the worker kills the trial's process group here
+    eval_limit_s: int = 600  # the same for the frozen evaluator
+
+
+@dataclass
+class LLMConfig:
+    provider: str = MISSING  # anthropic | openai | offline
+    model: str = MISSING
+    temperature: float = 1.0
+    max_tokens: int = 10000
+    thinking_budget: int = 0  # Anthropic extended thinking (paper: 3000 epoch 0 and diffs)
+    thinking_budget_search: int = 0  # thinking budget for exploit/explore calls (paper: 1500)
+    reasoning_effort: str | None = None  # OpenAI Responses API (paper: "minimal" for gpt-5)
+    timeout_s: float = 600.0
+    max_retries: int = 6
+    backoff_s: float = 2.0
+    backoff_max_s: float = 60.0
+    price_in_per_mtok: float = 0.0  # USD per million tokens, for the cost column of the ledger
+    price_out_per_mtok: float = 0.0
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    ideator: LLMConfig = field(default_factory=LLMConfig)
+    implementer: LLMConfig = field(default_factory=LLMConfig)
+    samples: int = 10  # diffs sampled in parallel per idea (paper: 10)
+    revisions: int = 2  # revisions per sample with the error fed back (paper: 2)
+    parallel_calls: int = 8  # concurrent LLM requests
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING  # evolution | best_of_n
+    epochs: int = 10
+    batch_size: int = 50  # ideas per epoch (paper: 50 GRPO, 80 nanoGPT)
+    call_size: int = 10  # ideas per ideator call (paper: 10)
+    max_shown: int = 100  # ideas shown in exploit/explore prompts (paper: 100)
+    exploit_start: float = 0.5  # exploit share at epoch 1; +exploit_step every 2 epochs
+    exploit_step: float = 0.1
+    exploit_max: float = 0.8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING  # local | slurm
+    max_parallel: int = 0  # trials at once; 0 = as many as the resources allow
+    poll_interval_s: float = 1.0  # first poll interval; backs off while nothing changes
+    poll_interval_max_s: float = 10.0
+    # Slurm only (ignored by local):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int = 8
+    cpus_per_gpu: int | None = None
+    mem_gb_per_gpu: int | None = None
+    time_margin_min: int = 10  # added to the environment's hard limit for Slurm's --time
+    setup: list[str] = field(default_factory=list)  # lines run before the worker (module load ...)
+    max_array_parallel: int = 0  # %P in --array=0-N%P; 0 = no cap
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch flags
+
+
+@dataclass
+class SearchConfig:
+    env: EnvConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    run_name: str = MISSING  # the run directory's name; the same name resumes the same run
+    seed: int = 0
+    run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
+    isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
+    keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
+    check_only: bool = False  # compose, preflight and print the plan, then stop
+
+
+def register_configs() -> None:
+    """The primary schema types every group's values (they are merged under its keys)."""
+    ConfigStore.instance().store(name="search_schema", node=SearchConfig)

@@ -1,0 +1,27 @@
+"""A small exception hierarchy. Every message says what to do next."""
+
+from __future__ import annotations
+
+
+class HpcExecutorError(Exception):
+    """Base class: the driver turns these into a one-paragraph message, never a traceback."""
+
+
+class ConfigError(HpcExecutorError):
+    """The composed configuration cannot work (unknown choice, missing field, bad value)."""
+
+
+class PreflightError(HpcExecutorError):
+    """Something the run needs is missing (an API key, the environment's data); nothing was started."""
+
+
+class PatchRejected(HpcExecutorError):
+    """A diff broke the workspace policy; it is recorded and never applied."""
+
+
+class PatchFailed(HpcExecutorError):
+    """A diff is well-formed and allowed but does not apply to the baseline."""
+
+
+class LedgerError(HpcExecutorError):
+    """The run directory or its ledger is missing or unreadable."""

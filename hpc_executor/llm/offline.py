@@ -1,0 +1,196 @@
+"""The offline model: a scripted stand-in, NOT an LLM.
+
+It lets anyone run the whole pipeline without keys or network. Ideas come from the environment's
+idea catalog (``environments/<env>/catalog.yaml``): epoch-0 and explore calls sample entries not yet
+tried, exploit calls perturb the parameters of ideas that beat the baseline or combine two of them.
+Each idea carries its recipe in its description, e.g. ``(recipe: cosine_schedule lr_max=2e-3 |
+weight_tying)``, and the implementer side turns that recipe back into the catalog's diffs, which
+then go through the same patching and revision path as an LLM's answer. Some catalog diffs fail on
+purpose (crash, time out, tamper with the evaluator, miscount hunk headers) so that every failure
+path of the system is exercised.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpc_executor.errors import ConfigError, HpcExecutorError
+from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
+from hpc_executor.patching import WorkspacePolicy, apply_diff
+from hpc_executor.worker import copy_baseline
+
+_RECIPE = re.compile(r"\(recipe: ([^)]*)\)")
+LABEL = "offline scripted stand-in (not an LLM)"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One catalog entry with chosen parameter values."""
+
+    entry_id: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    def render(self) -> str:
+        return " ".join([self.entry_id, *(f"{k}={v}" for k, v in self.params)])
+
+    @classmethod
+    def parse(cls, text: str) -> Step:
+        entry_id, *pairs = text.split()
+        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+
+
+def recipe_of(description: str) -> list[Step]:
+    match = _RECIPE.search(description or "")
+    return [Step.parse(part) for part in match.group(1).split("|")] if match else []
+
+
+@cache
+def load_catalog(path: str) -> dict[str, dict[str, Any]]:
+    if not path or not Path(path).is_file():
+        raise ConfigError(
+            f"the offline stand-in needs the environment's idea catalog, and {path or 'env.catalog'} "
+            "does not exist; set env.catalog, or use a real model (+model=opus)"
+        )
+    entries = yaml.safe_load(Path(path).read_text())
+    return {e["id"]: e for e in entries}
+
+
+class OfflineLLM(LLM):
+    def __init__(self, spec: LLMSpec) -> None:
+        super().__init__(spec)
+
+    @property
+    def label(self) -> str:
+        return LABEL
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        catalog = load_catalog(request.context.get("catalog", ""))
+        if request.purpose in ("ideate", "explore", "exploit"):
+            text = self._ideas(request, catalog)
+        else:
+            text = self._diff(request, catalog)
+        return LLMResponse(text=text, model=LABEL, input_tokens=len(request.prompt) // 4,
+                           output_tokens=len(text) // 4)  # fmt: skip
+
+    # -- ideas ----------------------------------------------------------------------------------
+    def _ideas(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:
+        ctx = request.context
+        rng = random.Random(f"{ctx.get('seed', 0)}-{request.purpose}-{len(ctx.get('shown', []))}")
+        shown = ctx.get("shown", [])
+        if request.purpose == "exploit":
+            recipes = self._exploit(shown, catalog, rng, ctx["n"])
+        else:
+            recipes = self._fresh(shown, catalog, rng, ctx["n"])
+        return "\n\n".join(self._idea_text(r, catalog) for r in recipes)
+
+    def _fresh(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
+               rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
+        tried = {s.entry_id for idea in shown for s in recipe_of(idea.get("description", ""))}
+        untried = [k for k in catalog if k not in tried]
+        rng.shuffle(untried)
+        picks = [[Step(k, self._default_params(catalog[k]))] for k in untried[:n]]
+        tunable = [k for k in catalog if catalog[k].get("params")]
+        while len(picks) < n and tunable:  # catalog exhausted: new parameter values of known ideas
+            picks.append([self._perturb(Step(rng.choice(tunable)), catalog, rng)])
+        return picks
+
+    def _exploit(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
+                 rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
+        winners = [recipe_of(i.get("description", "")) for i in shown]
+        winners = [w for w in winners if w and all(s.entry_id in catalog for s in w)]
+        picks: list[list[Step]] = []
+        for k in range(n):
+            if not winners:
+                break
+            best = winners[k % len(winners)]
+            if k % 2 == 1 and len(winners) > 1:  # combine with another winner
+                other = rng.choice([w for w in winners if w is not best])
+                merged = best + [s for s in other if s.entry_id not in {b.entry_id for b in best}]
+                picks.append(merged)
+            else:
+                picks.append([self._perturb(s, catalog, rng) for s in best])
+        return picks or self._fresh(shown, catalog, rng, n)
+
+    @staticmethod
+    def _default_params(entry: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        return tuple((k, str(v[0])) for k, v in (entry.get("params") or {}).items())
+
+    def _perturb(self, step: Step, catalog: dict[str, dict[str, Any]], rng: random.Random) -> Step:
+        space = catalog[step.entry_id].get("params") or {}
+        if not space:
+            return step
+        params = dict(step.params) or dict(self._default_params(catalog[step.entry_id]))
+        name = rng.choice(sorted(space))
+        params[name] = str(rng.choice([str(v) for v in space[name]]))
+        return Step(step.entry_id, tuple(sorted(params.items())))
+
+    @staticmethod
+    def _idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
+        titles = []
+        for step in recipe:
+            title = catalog[step.entry_id]["title"]
+            if step.params:
+                title += " (" + ", ".join(f"{k}={v}" for k, v in step.params) + ")"
+            titles.append(title)
+        description = " ".join(" ".join(str(catalog[s.entry_id]["description"]).split()) for s in recipe)
+        rendered = " | ".join(s.render() for s in recipe)
+        return (f"<idea>\n<title>{' + '.join(titles)}</title>\n<description>{description} "
+                f"(recipe: {rendered})</description>\n</idea>")  # fmt: skip
+
+    # -- diffs ----------------------------------------------------------------------------------
+    def _diff(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:
+        ctx = request.context
+        recipe = recipe_of(ctx["idea"]["description"])
+        if not recipe or any(s.entry_id not in catalog for s in recipe):
+            return "I cannot implement this idea: it is not from the catalog (offline scripted stand-in)."
+        revising = ctx.get("revision", 0) > 0
+        diffs = [self._entry_diff(catalog[s.entry_id], s, revising) for s in recipe]
+        if len(diffs) > 1 and revising:
+            diffs = diffs[:1]  # the merged diff failed: fall back to the first idea alone
+        diff = diffs[0] if len(diffs) == 1 else self._merge(diffs, Path(ctx["baseline_dir"]))
+        return f"Here is the change (offline scripted stand-in):\n\n```diff\n{diff}```\n"
+
+    @staticmethod
+    def _entry_diff(entry: dict[str, Any], step: Step, revising: bool) -> str:
+        diff = entry.get("revised_diff") if revising and entry.get("revised_diff") else entry["diff"]
+        for name, value in step.params:
+            diff = diff.replace(f"<<{name}>>", value)
+        return diff
+
+    @staticmethod
+    def _merge(diffs: list[str], baseline_dir: Path) -> str:
+        """One diff with every step applied in turn, as a model combining ideas would write it; if
+        they conflict, the plain concatenation (which then fails and is revised)."""
+        allow_all = WorkspacePolicy(editable=("*", "**/*"), protected=())
+        with tempfile.TemporaryDirectory(prefix="hpcx-offline-") as tmp:
+            before, after = Path(tmp) / "a", Path(tmp) / "b"
+            copy_baseline(baseline_dir, before)
+            copy_baseline(baseline_dir, after)
+            try:
+                for diff in diffs:
+                    apply_diff(diff, after, allow_all)
+            except HpcExecutorError:
+                return "".join(diffs)
+            return tree_diff(before, after)
+
+
+def tree_diff(before: Path, after: Path) -> str:
+    """A unified diff between two trees with a/ and b/ paths relative to their roots."""
+    out = []
+    for path in sorted(p for p in after.rglob("*") if p.is_file()):
+        rel = path.relative_to(after).as_posix()
+        old = before / rel
+        a = old.read_text().splitlines(keepends=True) if old.exists() else []
+        b = path.read_text().splitlines(keepends=True)
+        if a != b:
+            out.extend(difflib.unified_diff(a, b, f"a/{rel}", f"b/{rel}"))
+    return "".join(out)

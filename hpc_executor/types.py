@@ -1,0 +1,96 @@
+"""The vocabulary: an Idea becomes a Patch, a Patch runs as a Trial, a Trial ends in one Result.
+
+These are plain dataclasses so that the ledger, the worker and the strategies share one
+meaning of each word, and so that each can be written to and read from JSON unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(str, enum.Enum):
+    """How a trial ended. Only ``ok`` carries a reward."""
+
+    OK = "ok"
+    IMPLEMENT_FAILED = "implement_failed"  # no diff sample applied, even after revisions
+    PATCH_REJECTED = "patch_rejected"  # a diff broke the workspace policy (frozen file, `..`, ...)
+    CRASHED = "crashed"  # training or evaluation exited non-zero
+    TIMEOUT = "timeout"  # killed at the hard limit
+    INVALID_RESULT = "invalid_result"  # ran, but the metrics are missing, not finite or tampered with
+    CANCELLED = "cancelled"  # cancelled by the user or the scheduler
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class Idea:
+    """A research idea in plain language, as the ideator wrote it."""
+
+    idea_id: str
+    epoch: int
+    title: str
+    description: str
+    kind: str = "sample"  # "sample" (epoch 0 / best-of-N), "exploit" or "explore"
+    parents: list[str] = field(default_factory=list)  # idea ids shown as inspiration (exploit)
+    llm_call_id: str | None = None
+
+
+@dataclass
+class Patch:
+    """The implementer's answer for one idea: the diff that applied, or why none did."""
+
+    idea_id: str
+    diff: str | None  # None when no sample applied
+    status: str  # "applied", "implement_failed" or "patch_rejected"
+    reason: str = ""  # the last error, fed back to revisions and shown to the user
+    attempts: int = 0  # samples x revisions tried
+    llm_call_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Trial:
+    """One execution of one patch on the cluster."""
+
+    trial_id: str
+    idea_id: str
+    trial_dir: str
+    env_name: str
+    baseline_hash: str
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """What one trial produced. Written once per trial, atomically, by the worker."""
+
+    trial_id: str
+    status: Status
+    reward: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    runtime_s: float = 0.0
+    log_path: str = ""
+    log_tail: str = ""
+    reason: str = ""  # one line a person can act on when status is not ok
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)
+        if self.status is Status.OK and self.reward is None:
+            raise ValueError(f"trial {self.trial_id}: an ok result needs a reward")
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return json.dumps(data, sort_keys=True, allow_nan=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> Result:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
