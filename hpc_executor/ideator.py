@@ -1,0 +1,86 @@
+"""The ideator: renders the ideation prompts and parses the ideas out of the model's answer."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from hpc_executor import prompts
+from hpc_executor.environment import Environment
+from hpc_executor.llm import LLM, LLMRequest, LLMResponse
+
+_IDEA = re.compile(r"<idea>(.*?)</idea>", re.DOTALL | re.IGNORECASE)
+_FIELD = r"<{0}>(.*?)</{0}>"
+FAILED_MARK = "failed to implement or execute"
+
+
+def parse_ideas(text: str) -> list[tuple[str, str]]:
+    """(title, description) pairs from ``<idea><title>..</title><description>..</description></idea>``."""
+    ideas = []
+    for block in _IDEA.findall(text):
+        title = re.search(_FIELD.format("title"), block, re.DOTALL | re.IGNORECASE)
+        desc = re.search(_FIELD.format("description"), block, re.DOTALL | re.IGNORECASE)
+        if title and desc and title.group(1).strip() and desc.group(1).strip():
+            ideas.append((" ".join(title.group(1).split()), desc.group(1).strip()))
+    return ideas
+
+
+@dataclass
+class Proposal:
+    ideas: list[tuple[str, str]]
+    request: LLMRequest
+    response: LLMResponse
+    problem: str  # why the answer gave no ideas, or ""
+
+
+class Ideator:
+    def __init__(self, llm: LLM, env: Environment, thinking_budget: int, thinking_budget_search: int) -> None:
+        self.llm = llm
+        self.env = env
+        self.budgets = {"ideate": thinking_budget, "exploit": thinking_budget_search,
+                        "explore": thinking_budget_search}  # fmt: skip
+        self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=False)
+
+    def propose(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: int) -> Proposal:
+        """Ask for ``n`` ideas. ``purpose``: ideate (epoch 0 / best-of-N), exploit or explore.
+        ``shown``: earlier ideas as dicts with title, description, status, reward."""
+        r = self.env.cfg.reward
+        prompt = prompts.render(
+            purpose,
+            env_name=self.env.name,
+            env_description=self.env.cfg.description or "(no description)",
+            budget_s=self.env.cfg.budget_s,
+            reward_desc=f"{r.transform}({r.metric})",
+            baseline_reward=f"{r.baseline:.4g}",
+            codebase=self._codebase,
+            shown=format_shown(purpose, shown),
+            n=n,
+        )
+        request = LLMRequest(
+            prompt=prompt,
+            purpose=purpose,
+            system=prompts.render("ideator_system"),
+            thinking_budget=self.budgets[purpose],
+            context={"n": n, "shown": shown, "seed": seed, "catalog": str(self.env.catalog_path() or "")},
+        )
+        response = self.llm.complete(request)
+        if response.error:
+            return Proposal([], request, response, response.error)
+        ideas = parse_ideas(response.text)[:n]
+        problem = "" if ideas else "the answer held no <idea> block with a <title> and a <description>"
+        return Proposal(ideas, request, response, problem)
+
+
+def format_shown(purpose: str, shown: list[dict[str, Any]]) -> str:
+    if not shown:
+        return "(none yet)"
+    lines = []
+    for idea in shown:
+        if purpose == "ideate":
+            lines.append(f"- {idea['title']}")
+        elif idea.get("status") == "ok" and idea.get("reward") is not None:
+            lines.append(f"- [reward {idea['reward']:.4g}] {idea['title']}: {idea['description']}")
+        else:
+            lines.append(f"- [{FAILED_MARK}] {idea['title']}: {idea['description']}")
+    return "\n".join(lines)

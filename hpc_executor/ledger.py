@@ -1,0 +1,284 @@
+"""The ledger: one SQLite file in the run directory, the system of record of a search.
+
+Workers never touch it: each writes one ``result.json`` into its trial directory, and the driver
+ingests those files (``INSERT OR IGNORE`` keyed by trial id, so ingesting twice changes nothing).
+A poll only looks at trials that are still open, found through a partial index, so its cost grows
+with the trials in flight, not with the results already recorded.
+
+Read a run from pandas::
+
+    from hpc_executor import ledger
+    frames = ledger.load("outputs/tiny-offline-evolution-seed0")   # dict of DataFrames
+    ledger.export_parquet("outputs/tiny-offline-evolution-seed0")  # <run>/parquet/*.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hpc_executor.errors import LedgerError
+from hpc_executor.types import Idea, Patch, Result
+
+LEDGER_FILE = "ledger.sqlite"
+TABLES = ("ideas", "patches", "trials", "results", "llm_calls")
+OPEN_STATES = ("pending", "queued", "running")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_calls (
+    call_id TEXT PRIMARY KEY, role TEXT, purpose TEXT, provider TEXT, model TEXT, epoch INTEGER,
+    input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, latency_s REAL, attempts INTEGER,
+    error TEXT, prompt TEXT, response TEXT, created_at REAL);
+CREATE TABLE IF NOT EXISTS ideas (
+    idea_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, slot INTEGER NOT NULL, kind TEXT NOT NULL,
+    title TEXT, description TEXT, parents TEXT, llm_call_id TEXT, created_at REAL,
+    UNIQUE (epoch, slot));
+CREATE TABLE IF NOT EXISTS patches (
+    idea_id TEXT PRIMARY KEY REFERENCES ideas, status TEXT NOT NULL, diff TEXT, reason TEXT,
+    attempts INTEGER, llm_call_ids TEXT, created_at REAL);
+CREATE TABLE IF NOT EXISTS trials (
+    trial_id TEXT PRIMARY KEY, idea_id TEXT NOT NULL, epoch INTEGER NOT NULL, trial_dir TEXT,
+    state TEXT NOT NULL, job_id TEXT, array_index INTEGER, node TEXT, gpus TEXT,
+    submissions INTEGER NOT NULL DEFAULT 0, note TEXT, created_at REAL, updated_at REAL);
+CREATE INDEX IF NOT EXISTS trials_open ON trials (state) WHERE state IN ('pending', 'queued', 'running');
+CREATE INDEX IF NOT EXISTS trials_epoch ON trials (epoch);
+CREATE TABLE IF NOT EXISTS results (
+    trial_id TEXT PRIMARY KEY, status TEXT NOT NULL, reward REAL, metrics TEXT, runtime_s REAL,
+    log_path TEXT, log_tail TEXT, reason TEXT, provenance TEXT, ingested_at REAL);
+"""
+
+
+class Ledger:
+    """Access to one run's ledger. Single writer (the driver); readers may open it any time."""
+
+    def __init__(self, run_dir: str | Path, *, create: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        path = self.run_dir / LEDGER_FILE
+        if not path.exists() and not create:
+            raise LedgerError(
+                f"no ledger at {path}: is {self.run_dir} a run directory? Runs live under outputs/<run_name>/."
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # WAL lets notebooks read while the driver writes; autocommit, transactions are explicit.
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- meta ---------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # -- writes ------------------------------------------------------------------------------
+    def add_llm_call(self, call_id: str, **fields: Any) -> None:
+        cols = ["call_id", *fields, "created_at"]
+        vals = [call_id, *fields.values(), time.time()]
+        self.db.execute(
+            f"INSERT OR IGNORE INTO llm_calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
+        )
+
+    def add_idea(self, idea: Idea, slot: int) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO ideas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (idea.idea_id, idea.epoch, slot, idea.kind, idea.title, idea.description,
+             json.dumps(idea.parents), idea.llm_call_id, time.time()),
+        )  # fmt: skip
+
+    def add_patch(self, patch: Patch) -> None:
+        self.db.execute(
+            "INSERT OR IGNORE INTO patches VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (patch.idea_id, patch.status, patch.diff, patch.reason, patch.attempts,
+             json.dumps(patch.llm_call_ids), time.time()),
+        )  # fmt: skip
+
+    def add_trial(self, trial_id: str, idea_id: str, epoch: int, trial_dir: str, state: str = "pending") -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT OR IGNORE INTO trials (trial_id, idea_id, epoch, trial_dir, state, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (trial_id, idea_id, epoch, trial_dir, state, now, now),
+        )
+
+    def mark_submitted(self, assignments: Iterable[tuple[str, str, int | None]]) -> None:
+        """(trial_id, job_id, array_index) for trials handed to the scheduler."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE trials SET state = 'queued', job_id = ?, array_index = ?,"
+                " submissions = submissions + 1, updated_at = ? WHERE trial_id = ?",
+                [(job, idx, now, tid) for tid, job, idx in assignments],
+            )
+
+    def set_trial_state(self, trial_id: str, state: str, note: str | None = None, **fields: Any) -> None:
+        sets = ["state = ?", "updated_at = ?"] + [f"{k} = ?" for k in fields]
+        vals = [state, time.time(), *fields.values()]
+        if note is not None:
+            sets.append("note = ?")
+            vals.append(note)
+        self.db.execute(f"UPDATE trials SET {', '.join(sets)} WHERE trial_id = ?", [*vals, trial_id])
+
+    def record_results(self, results: Iterable[Result]) -> int:
+        """Insert results and close their trials, in one transaction. Returns how many were new."""
+        now = time.time()
+        rows = [
+            (r.trial_id, r.status.value, r.reward, json.dumps(r.metrics), r.runtime_s, r.log_path,
+             r.log_tail, r.reason, json.dumps(r.provenance, default=str), now)
+            for r in results
+        ]  # fmt: skip
+        if not rows:
+            return 0
+        with self.transaction() as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            new = db.total_changes - before
+            db.executemany(
+                "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
+                [(now, row[0]) for row in rows],
+            )
+        return new
+
+    # -- ingestion ----------------------------------------------------------------------------
+    def open_trials(self) -> list[sqlite3.Row]:
+        return self.db.execute(
+            "SELECT trial_id, idea_id, epoch, trial_dir, state, job_id, array_index, submissions"
+            " FROM trials WHERE state IN ('pending', 'queued', 'running')"
+        ).fetchall()
+
+    def ingest(self, result_paths: Iterable[Path]) -> int:
+        """Read result files and record them; unreadable files are left for the next poll."""
+        results = []
+        for path in result_paths:
+            try:
+                results.append(Result.from_json(path.read_text()))
+            except FileNotFoundError:
+                continue
+            except (ValueError, TypeError) as exc:
+                raise LedgerError(f"result file {path} is corrupt ({exc}); move it away and re-run") from exc
+        return self.record_results(results)
+
+    def poll(self, result_name: str = "result.json") -> int:
+        """Ingest the results of open trials that have appeared since the last poll."""
+        found = [
+            p for row in self.open_trials() if (p := Path(row["trial_dir"]) / result_name).exists()
+        ]
+        return self.ingest(found)
+
+    # -- reads --------------------------------------------------------------------------------
+    def ideas(self, epoch: int | None = None) -> list[Idea]:
+        q = "SELECT * FROM ideas" + (" WHERE epoch = ?" if epoch is not None else "") + " ORDER BY epoch, slot"
+        rows = self.db.execute(q, () if epoch is None else (epoch,)).fetchall()
+        return [
+            Idea(r["idea_id"], r["epoch"], r["title"], r["description"], r["kind"],
+                 json.loads(r["parents"] or "[]"), r["llm_call_id"])
+            for r in rows
+        ]  # fmt: skip
+
+    def slots_filled(self, epoch: int) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT slot FROM ideas WHERE epoch = ?", (epoch,))}
+
+    def patch_for(self, idea_id: str) -> Patch | None:
+        r = self.db.execute("SELECT * FROM patches WHERE idea_id = ?", (idea_id,)).fetchone()
+        if r is None:
+            return None
+        return Patch(r["idea_id"], r["diff"], r["status"], r["reason"] or "", r["attempts"] or 0,
+                     json.loads(r["llm_call_ids"] or "[]"))  # fmt: skip
+
+    def has_trial(self, idea_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM trials WHERE idea_id = ?", (idea_id,)).fetchone() is not None
+
+    def outcomes(self, until_epoch: int | None = None) -> list[dict[str, Any]]:
+        """One row per idea with its result (status, reward), for strategies and the end table."""
+        q = """
+            SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
+                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s
+            FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id
+                         LEFT JOIN results r ON r.trial_id = t.trial_id
+        """
+        params: tuple[Any, ...] = ()
+        if until_epoch is not None:
+            q += " WHERE i.epoch <= ?"
+            params = (until_epoch,)
+        return [dict(r) for r in self.db.execute(q + " ORDER BY i.epoch, i.slot", params)]
+
+    def epoch_counts(self, epoch: int) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT t.state, count(*) FROM trials t WHERE t.epoch = ? GROUP BY t.state", (epoch,)
+        ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", self.db) for t in TABLES}
+        for table, cols in {"results": ("metrics", "provenance"), "ideas": ("parents",),
+                            "patches": ("llm_call_ids",)}.items():  # fmt: skip
+            for col in cols:
+                frames[table][col] = frames[table][col].map(lambda s: json.loads(s) if s else None)
+        return frames
+
+
+def load(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """DataFrames of a run: ideas, patches, trials, results, llm_calls."""
+    ledger = Ledger(run_dir)
+    try:
+        return ledger.frames()
+    finally:
+        ledger.close()
+
+
+def export_parquet(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write one parquet file per table (nested columns as JSON text). Returns the folder."""
+    out = Path(out_dir) if out_dir else Path(run_dir) / "parquet"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in load(run_dir).items():
+        for col in frame.columns:
+            if frame[col].map(lambda v: isinstance(v, (dict, list))).any():
+                frame[col] = frame[col].map(json.dumps)
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpc_executor.ledger", description="Summarise a run's ledger and export it to parquet."
+    )
+    parser.add_argument("run_dir", help="a run directory, e.g. outputs/tiny-offline-evolution-seed0")
+    parser.add_argument("--parquet", action="store_true", help="write <run_dir>/parquet/<table>.parquet")
+    args = parser.parse_args(argv)
+    try:
+        frames = load(args.run_dir)
+    except LedgerError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for name, frame in frames.items():
+        print(f"{name:10s} {len(frame):6d} rows")
+    if args.parquet:
+        print(f"parquet written to {export_parquet(args.run_dir)}")
+
+
+if __name__ == "__main__":
+    main()

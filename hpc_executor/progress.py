@@ -1,0 +1,70 @@
+"""What a person sees: one line whenever an epoch's counts change, and the end-of-run table."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("hpc_executor.search")
+
+
+class Progress:
+    def __init__(self, epochs: int, baseline: float, console: Console | None = None) -> None:
+        self.epochs = epochs
+        self.baseline = baseline
+        # the table is the run's answer: stdout, wide enough for paths when piped to a file
+        self.console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        self._last = ""
+
+    def epoch_line(self, epoch: int, ideas: int, implemented: int, trials: dict[str, int],
+                   best: float | None) -> None:  # fmt: skip
+        queued = trials.get("pending", 0) + trials.get("queued", 0)
+        best_text = f"{best:.4f}" if best is not None else "-"
+        line = (
+            f"epoch {epoch + 1}/{self.epochs} | ideas {ideas} | implemented {implemented} | trials "
+            f"queued {queued} running {trials.get('running', 0)} done {trials.get('done', 0)} | "
+            f"best reward {best_text} (baseline {self.baseline:.4f})"
+        )
+        if line != self._last:
+            self._last = line
+            log.info(line)
+
+    def note(self, text: str) -> None:
+        log.info(text)
+
+    def final_table(self, rows: list[dict[str, Any]], run_dir: Path, top: int = 10) -> Table:
+        """Best ideas first, then a summary of how the others ended."""
+        ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["reward"])
+        table = Table(title=f"Best ideas of {_short(run_dir)}")
+        for col in ("rank", "reward", "vs baseline", "epoch", "idea", "trial dir (patch.diff, train.log)"):
+            table.add_column(col, overflow="fold")
+        for rank, r in enumerate(ok[:top], 1):
+            where = _short(Path(r["trial_dir"])) if r["trial_dir"] else ""
+            delta = (r["reward"] - self.baseline) / abs(self.baseline) * 100 if self.baseline else 0.0
+            table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%", str(r["epoch"] + 1),
+                          r["title"], where)  # fmt: skip
+        self.console.print(table)
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["status"] or "unfinished"] = counts.get(r["status"] or "unfinished", 0) + 1
+        ideas = [r for r in rows if r["kind"] != "baseline"]
+        executed = sum(1 for r in ideas if r["status"] == "ok")
+        rate = executed / len(ideas) * 100 if ideas else 0.0
+        self.console.print(
+            "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + f" | execution rate {rate:.0f}% | ledger: {_short(run_dir / 'ledger.sqlite')}"
+        )  # fmt: skip
+        return table
+
+
+def _short(path: Path) -> str:
+    """Relative to the working directory when below it: tables stay readable."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

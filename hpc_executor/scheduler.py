@@ -1,0 +1,151 @@
+"""Launching trials: one interface over submitit's local and Slurm executors.
+
+The scheduler only launches jobs and reports their states; results travel through files in the
+trial directories (see ``worker``), so a driver that restarts needs nothing from the scheduler but
+job ids, which the ledger keeps.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+import math
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig
+
+from hpc_executor.errors import ConfigError
+from hpc_executor.worker import run_trial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one trial asks for; trials of one shape go out as one array."""
+
+    gpus: int
+    cpus: int
+    mem_gb: int
+    time_limit_s: int  # the worker's own limits plus a margin: the scheduler's kill is a backstop
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"  # ended normally: the result file should be there
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+    NODE_FAIL = "node_fail"
+    OUT_OF_MEMORY = "out_of_memory"
+    UNKNOWN = "unknown"  # the scheduler has no record (yet, or any more)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN)
+
+
+class Scheduler(abc.ABC):
+    def __init__(self, cfg: DictConfig, folder: Path) -> None:
+        self.cfg = cfg
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @abc.abstractmethod
+    def capacity(self, shape: Shape) -> int | None:
+        """How many trials of this shape may be in flight at once; None: let the cluster queue them."""
+
+    @abc.abstractmethod
+    def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
+        """Launch one job per trial directory, as one array; returns (job id, array index) per trial."""
+
+    @abc.abstractmethod
+    def states(self, job_ids: list[str]) -> dict[str, JobState]:
+        """Current state of each job, in one query."""
+
+    @abc.abstractmethod
+    def cancel(self, job_ids: list[str]) -> None: ...
+
+
+class LocalScheduler(Scheduler):
+    """Trials as local processes through submitit's LocalExecutor. It has no queue of its own (every
+    job starts at once), so ``capacity`` caps what the driver hands it by the machine's cores/GPUs."""
+
+    def __init__(self, cfg: DictConfig, folder: Path) -> None:
+        super().__init__(cfg, folder)
+        self._jobs: dict[str, submitit.Job[Any]] = {}
+
+    def capacity(self, shape: Shape) -> int:
+        if self.cfg.max_parallel:
+            return int(self.cfg.max_parallel)
+        by_cpu = max(1, (os.cpu_count() or 1) // max(1, shape.cpus))
+        if shape.gpus:
+            return max(1, min(by_cpu, local_gpu_count() // shape.gpus))
+        return by_cpu
+
+    def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
+        executor = submitit.LocalExecutor(folder=self.folder / "%j")
+        executor.update_parameters(timeout_min=math.ceil(shape.time_limit_s / 60), gpus_per_node=shape.gpus)
+        jobs = executor.map_array(run_trial, trial_dirs)
+        for job in jobs:
+            self._jobs[job.job_id] = job
+        return [(job.job_id, None) for job in jobs]
+
+    def states(self, job_ids: list[str]) -> dict[str, JobState]:
+        return {job_id: self._state(job_id) for job_id in job_ids}
+
+    def _state(self, job_id: str) -> JobState:
+        job = self._jobs.get(job_id)
+        if job is not None:  # our child: poll() also reaps it
+            info = job.state
+            if info == "RUNNING":
+                return JobState.RUNNING
+            return JobState.COMPLETED if info == "FINISHED" else JobState.CANCELLED
+        # a job started by an earlier driver: alive while its controller process is
+        return JobState.RUNNING if _is_submitit_process(int(job_id)) else JobState.UNKNOWN
+
+    def cancel(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            try:
+                os.kill(int(job_id), 2)  # SIGINT: submitit's controller forwards it to the task
+            except (ProcessLookupError, ValueError):
+                continue
+
+
+def _is_submitit_process(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
+    return not zombie and b"submitit" in cmdline
+
+
+def local_gpu_count() -> int:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return len(out.stdout.strip().splitlines()) if out.returncode == 0 else 0
+
+
+def make_scheduler(cfg: DictConfig, folder: Path) -> Scheduler:
+    if cfg.name == "local":
+        return LocalScheduler(cfg, folder)
+    if cfg.name == "slurm":
+        from hpc_executor.slurm import SlurmScheduler
+
+        return SlurmScheduler(cfg, folder)
+    raise ConfigError(f"scheduler={cfg.name!r} is unknown; choose scheduler=local or scheduler=slurm")

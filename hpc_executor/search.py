@@ -1,0 +1,391 @@
+"""The search driver: ``python -m hpc_executor.search +env=tiny +model=offline``.
+
+Per epoch: ask the ideator for the epoch's empty idea slots, implement every idea that has no
+patch yet, create and dispatch a trial for every patch that has none, and poll the ledger until
+the epoch's trials are done. Every step is recorded before the next starts, so running the same
+command again continues where a killed driver stopped: nothing is asked, implemented or run twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from hpc_executor.config import register_configs
+from hpc_executor.environment import REPO_ROOT, Environment
+from hpc_executor.errors import HpcExecutorError, PreflightError
+from hpc_executor.ideator import Ideator
+from hpc_executor.implementer import Call, Implementer
+from hpc_executor.ledger import Ledger
+from hpc_executor.llm import make_llm, spec_from_config
+from hpc_executor.llm.credentials import required_env_vars
+from hpc_executor.progress import Progress
+from hpc_executor.sandbox import drop_secrets_from_environ, tail
+from hpc_executor.scheduler import JobState, Shape, make_scheduler
+from hpc_executor.strategies import make_strategy
+from hpc_executor.types import Idea, Patch, Result, Status
+from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
+
+log = logging.getLogger("hpc_executor.search")
+
+CONF_DIR = REPO_ROOT / "conf"
+IDEATION_ATTEMPTS = 3  # calls per group of empty slots before the epoch goes on without them
+RESULT_GRACE_S = 15.0  # a finished job's result file may reach a shared filesystem late
+MAX_SUBMISSIONS = 2  # a trial whose job vanished or was preempted runs again, once
+BASELINE_ID = "baseline"
+
+
+class Search:
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.env = Environment(cfg.env)
+        preflight(cfg, self.env)
+        self.env.prepare()
+        self.ledger = Ledger(run_dir, create=True)
+        self._check_same_run()
+        self.ideator_llm = make_llm(spec_from_config(cfg.model.ideator))
+        self.implementer_llm = make_llm(spec_from_config(cfg.model.implementer))
+        # The clients hold their keys now; nothing this process starts may inherit them.
+        drop_secrets_from_environ()
+        self.strategy = make_strategy(cfg.strategy, cfg.seed)
+        self.scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
+        self.ideator = Ideator(self.ideator_llm, self.env, cfg.model.ideator.thinking_budget,
+                               cfg.model.ideator.thinking_budget_search)  # fmt: skip
+        self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples,
+                                       cfg.model.revisions, cfg.model.implementer.thinking_budget)  # fmt: skip
+        res = cfg.env.resources
+        self.shape = Shape(res.gpus, res.cpus, res.mem_gb,
+                           cfg.env.hard_limit_s + cfg.env.eval_limit_s + 60)  # fmt: skip
+        self.progress = Progress(cfg.strategy.epochs, self.baseline_reward())
+        self._finished_without_result: dict[str, float] = {}
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _check_same_run(self) -> None:
+        identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
+                    "strategy": self.cfg.strategy.name, "batch_size": str(self.cfg.strategy.batch_size)}  # fmt: skip
+        for key, value in identity.items():
+            recorded = self.ledger.get_meta(key)
+            if recorded is None:
+                self.ledger.set_meta(key, value)
+            elif recorded != value:
+                raise PreflightError(
+                    f"{self.run_dir} belongs to a run with {key}={recorded}, not {value}; resume it with its "
+                    f"original settings, or start a new run with run_name=<new name>."
+                )
+        self.ledger.set_meta("config", OmegaConf.to_yaml(self.cfg, resolve=True))
+
+    def baseline_reward(self) -> float:
+        """The measured baseline when this run has one, else the environment's recorded value."""
+        for row in self.ledger.outcomes(until_epoch=0):
+            if row["kind"] == "baseline" and row["status"] == "ok":
+                return float(row["reward"])
+        return float(self.cfg.env.reward.baseline)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.cfg.strategy
+        log.info(
+            "run %s: env %s, strategy %s (%d epochs x %d ideas), ideator %s, implementer %s, scheduler %s",
+            self.run_dir, self.env.name, s.name, s.epochs, s.batch_size, self.ideator_llm.label,
+            self.implementer_llm.label, self.cfg.scheduler.name,
+        )  # fmt: skip
+        if self.cfg.run_baseline:
+            self.ledger.add_idea(Idea(BASELINE_ID, 0, "Unmodified baseline", "The baseline as shipped.",
+                                      kind="baseline"), slot=-1)  # fmt: skip
+            self.ledger.add_patch(Patch(BASELINE_ID, "", "applied"))
+        try:
+            for epoch in range(s.epochs):
+                self.ideate(epoch)
+                self.implement(epoch)
+                self.create_trials(epoch)
+                self.execute(epoch)
+                self.progress.baseline = self.baseline_reward()
+        except KeyboardInterrupt:
+            self.interrupted()
+            raise
+        self.progress.final_table(self.ledger.outcomes(), self.run_dir)
+
+    def ideate(self, epoch: int) -> None:
+        filled = self.ledger.slots_filled(epoch)
+        empty = [slot for slot in self.strategy.plan(epoch) if slot.index not in filled]
+        call = self.cfg.strategy.call_size
+        groups = [empty[i : i + call] for i in range(0, len(empty), call)]
+        for group in groups:
+            purpose = group[0].purpose
+            group = [slot for slot in group if slot.purpose == purpose]
+            for attempt in range(IDEATION_ATTEMPTS):
+                history = self.ledger.outcomes(until_epoch=epoch)
+                shown = self.strategy.shown(purpose, epoch, history, self.baseline_reward())
+                effective = "explore" if purpose == "exploit" and not shown else purpose
+                seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
+                proposal = self.ideator.propose(effective, len(group), shown, seed)
+                call_id = f"e{epoch}-{effective}-{group[0].index}-a{attempt}"
+                self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response))
+                for slot, (title, description) in zip(group, proposal.ideas):
+                    parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
+                    idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, effective,
+                                parents[: self.cfg.strategy.max_shown], call_id)  # fmt: skip
+                    self.ledger.add_idea(idea, slot.index)
+                group = group[len(proposal.ideas) :]
+                if not group:
+                    break
+                self.progress.note(f"epoch {epoch + 1}: ideator call {call_id} gave too few ideas "
+                                   f"({proposal.problem or 'short answer'}); asking again")  # fmt: skip
+            if group:
+                self.progress.note(f"epoch {epoch + 1}: {len(group)} idea slots stay empty after "
+                                   f"{IDEATION_ATTEMPTS} calls; the epoch goes on without them")  # fmt: skip
+        self._show(epoch)
+
+    def implement(self, epoch: int) -> None:
+        todo = [i for i in self.ledger.ideas(epoch) if self.ledger.patch_for(i.idea_id) is None]
+        if not todo:
+            return
+        workers = max(1, self.cfg.model.parallel_calls // max(1, self.cfg.model.samples))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(self.implementer.implement, idea): idea for idea in todo}
+            for future in as_completed(futures):
+                idea = futures[future]
+                try:
+                    patch, calls = future.result()
+                except Exception as exc:  # a bug or bad answer must not stop the other ideas
+                    log.exception("implementing %s failed", idea.idea_id)
+                    patch, calls = Patch(idea.idea_id, None, "implement_failed", f"internal error: {exc}"), []
+                for c in calls:
+                    self._record_call("implementer", epoch, c)
+                self.ledger.add_patch(patch)
+                self._show(epoch)
+
+    def create_trials(self, epoch: int) -> None:
+        for idea in self.ledger.ideas(epoch):
+            patch = self.ledger.patch_for(idea.idea_id)
+            if patch is None or self.ledger.has_trial(idea.idea_id):
+                continue
+            trial_id = f"{idea.idea_id}-t0"
+            trial_dir = self.run_dir / "trials" / trial_id
+            if patch.status != "applied":
+                self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
+                self.ledger.record_results([Result(trial_id, Status(patch.status), reason=patch.reason)])
+                continue
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (RESULT_FILE, STARTED_FILE):  # a directory left by a crash before add_trial
+                (trial_dir / stale).unlink(missing_ok=True)
+            (trial_dir / DIFF_FILE).write_text(patch.diff or "")
+            TrialSpec(
+                trial_id=trial_id,
+                trial_dir=str(trial_dir),
+                env=OmegaConf.to_container(self.cfg.env, resolve=True) | {"dir": str(self.env.dir),
+                                                                          "data_dir": str(self.env.data_dir)},
+                seed=self.cfg.seed,
+                keep_workspace=self.cfg.keep_workspaces,
+                isolate_pids=self.cfg.isolate_pids,
+                provenance={
+                    "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.env.baseline_hash(),
+                    "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
+                    "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
+                    "seed": self.cfg.seed, "run_dir": str(self.run_dir),
+                },
+            ).write()  # fmt: skip
+            self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
+
+    def execute(self, epoch: int) -> None:
+        """Dispatch pending trials within capacity and poll until no trial is open. Polls back off
+        while nothing changes."""
+        interval = self.cfg.scheduler.poll_interval_s
+        while True:
+            changed = self.ledger.poll()
+            open_trials = self.ledger.open_trials()
+            changed += self._check_jobs([t for t in open_trials if t["state"] != "pending"])
+            changed += self._dispatch()
+            self._show(epoch)
+            if not self.ledger.open_trials():
+                return
+            interval = self.cfg.scheduler.poll_interval_s if changed else min(
+                interval * 1.5, self.cfg.scheduler.poll_interval_max_s)  # fmt: skip
+            time.sleep(interval)
+
+    def _dispatch(self) -> int:
+        pending = [t for t in self.ledger.open_trials() if t["state"] == "pending"]
+        if not pending:
+            return 0
+        in_flight = len([t for t in self.ledger.open_trials() if t["state"] != "pending"])
+        capacity = self.scheduler.capacity(self.shape)
+        room = len(pending) if capacity is None else max(0, capacity - in_flight)
+        batch = sorted(pending, key=lambda t: (t["epoch"], t["trial_id"]))[:room]
+        if not batch:
+            return 0
+        jobs = self.scheduler.submit([t["trial_dir"] for t in batch], self.shape)
+        self.ledger.mark_submitted((t["trial_id"], job, idx) for t, (job, idx) in zip(batch, jobs))
+        return len(batch)
+
+    def _check_jobs(self, trials: list[Any]) -> int:
+        """Move started trials to running; settle trials whose job ended without a result."""
+        if not trials:
+            return 0
+        states = self.scheduler.states([t["job_id"] for t in trials])
+        changed = 0
+        now = time.monotonic()
+        for t in trials:
+            tdir = Path(t["trial_dir"])
+            if t["state"] == "queued" and (tdir / STARTED_FILE).exists():
+                self.ledger.set_trial_state(t["trial_id"], "running")
+                changed += 1
+            state = states.get(t["job_id"], JobState.UNKNOWN)
+            if not state.finished and state is not JobState.UNKNOWN:
+                continue
+            if (tdir / RESULT_FILE).exists():
+                continue  # the next poll ingests it
+            first_seen = self._finished_without_result.setdefault(t["trial_id"], now)
+            if now - first_seen < RESULT_GRACE_S:
+                continue
+            del self._finished_without_result[t["trial_id"]]
+            changed += 1
+            self._settle(t, state)
+        return changed
+
+    def _settle(self, trial: Any, state: JobState) -> None:
+        tid, job = trial["trial_id"], trial["job_id"]
+        rerun = state in (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.UNKNOWN)
+        if rerun and trial["submissions"] < MAX_SUBMISSIONS:
+            why = "vanished" if state is JobState.UNKNOWN else state.value
+            self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
+            self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
+            return
+        status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(state, Status.CRASHED)
+        log_path = Path(trial["trial_dir"]) / TRAIN_LOG
+        self.ledger.record_results([Result(
+            tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job),
+            reason=f"job {job} ended ({state.value}) without writing a result",
+        )])  # fmt: skip
+
+    def _job_log_tail(self, job_id: str) -> str:
+        logs = sorted((self.run_dir / "submitit").glob(f"{job_id}*/*.err")) + sorted(
+            (self.run_dir / "submitit").glob(f"{job_id}*.err"))  # fmt: skip
+        return tail(logs[-1]) if logs else ""
+
+    def interrupted(self) -> None:
+        open_jobs = [t for t in self.ledger.open_trials() if t["job_id"]]
+        if not open_jobs:
+            return
+        answer = "n"
+        if sys.stdin.isatty():
+            answer = input(f"\nCancel the {len(open_jobs)} trials still running? [y/N] ").strip().lower()
+        if answer.startswith("y"):
+            self.scheduler.cancel(sorted({t["job_id"] for t in open_jobs}))
+            self.ledger.record_results(
+                Result(t["trial_id"], Status.CANCELLED, reason="cancelled by the user (Ctrl-C)") for t in open_jobs
+            )
+            log.info("cancelled %d trials", len(open_jobs))
+        else:
+            log.info("left %d trials running; run the same command again to pick up their results", len(open_jobs))
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _record_call(self, role: str, epoch: int, call: Call) -> None:
+        r, q = call.response, call.request
+        llm = self.ideator_llm if role == "ideator" else self.implementer_llm
+        self.ledger.add_llm_call(
+            call.call_id, role=role, purpose=q.purpose, provider=llm.spec.provider, model=r.model or llm.spec.model,
+            epoch=epoch, input_tokens=r.input_tokens, output_tokens=r.output_tokens, cost_usd=r.cost_usd,
+            latency_s=r.latency_s, attempts=r.attempts, error=r.error, prompt=q.prompt, response=r.text,
+        )  # fmt: skip
+        if r.error:
+            log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)
+
+    def _show(self, epoch: int) -> None:
+        rows = self.ledger.outcomes(until_epoch=epoch)
+        this = [r for r in rows if r["epoch"] == epoch and r["kind"] != "baseline"]
+        rewards = [r["reward"] for r in rows if r["status"] == "ok" and r["kind"] != "baseline"]
+        implemented = sum(1 for r in this if self.ledger.patch_for(r["idea_id"]) is not None)
+        self.progress.epoch_line(epoch, len(this), implemented, self.ledger.epoch_counts(epoch),
+                                 max(rewards) if rewards else None)  # fmt: skip
+
+
+def preflight(cfg: DictConfig, env: Environment) -> None:
+    """Everything missing, at once, before any work starts."""
+    problems = env.problems()
+    needed: dict[str, list[str]] = {}
+    for role in ("ideator", "implementer"):
+        spec = spec_from_config(cfg.model[role])
+        for var in required_env_vars(spec):
+            needed.setdefault(var, []).append(f"{role} {spec.provider}:{spec.model}")
+    for var, users in needed.items():
+        if not os.environ.get(var):
+            problems.append(f"{var} is not set (needed by the {' and the '.join(users)}); export it, "
+                            "or try the pipeline with +model=offline")  # fmt: skip
+    if cfg.scheduler.name == "slurm" and not shutil.which("sbatch"):
+        problems.append("scheduler=slurm but sbatch is not on PATH; run on a Slurm login node or use scheduler=local")
+    if problems:
+        raise PreflightError("cannot start:\n  - " + "\n  - ".join(problems))
+
+
+# -- command line --------------------------------------------------------------------------------
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def missing_groups(argv: list[str]) -> list[str]:
+    """Groups the user must append (``+env=...``, ``+model=...``) that the command line lacks."""
+    if any(a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--shell-completion") for a in argv):
+        return []
+    return [g for g in ("env", "model") if not any(re.match(rf"^\+{{0,2}}{g}=", a) for a in argv)]
+
+
+def usage_message(missing: list[str]) -> str:
+    lines = [f"hpc-executor: missing {' and '.join('+' + g for g in missing)}. A search needs an "
+             "environment and a model, appended with '+':",
+             "    python -m hpc_executor.search +env=tiny +model=offline",
+             "Choices:"]  # fmt: skip
+    for group in ("env", "model", "strategy", "scheduler"):
+        prefix = "+" if group in ("env", "model") else ""
+        lines.append(f"    {prefix}{group}=  {', '.join(choices(group))}")
+    lines.append("'+model=offline' is a scripted stand-in (not an LLM) that needs no API key.")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="search", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]
+        if missing:
+            raise PreflightError(usage_message(missing))
+        search = Search(cfg, run_dir)
+        if cfg.check_only:
+            log.info("check_only: configuration and preflight are fine; nothing was run")
+            return
+        search.run()
+    except HpcExecutorError as exc:
+        _remove_if_untouched(run_dir)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _remove_if_untouched(run_dir: Path) -> None:
+    """A run that stopped before its ledger existed leaves no directory behind."""
+    if run_dir.is_dir() and not (run_dir / "ledger.sqlite").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def main() -> None:
+    register_configs()
+    missing = missing_groups(sys.argv[1:])
+    if missing:
+        print(usage_message(missing), file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""The worker: what runs on the node for one trial, and writes its one result.
+
+Per trial: a fresh workspace with the diff applied, training in its own process group with a
+scrubbed environment, the frozen evaluator run from a pristine copy of the baseline, a check that
+protected files are byte-identical, and ``result.json`` written once, atomically.
+
+Everything the worker needs is in ``<trial_dir>/spec.json`` so that a job on any node of the
+cluster (or a re-run from the ledger) needs nothing but the shared filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hpc_executor.environment import Environment
+from hpc_executor.errors import PatchFailed, PatchRejected
+from hpc_executor.patching import apply_diff
+from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ, tail
+from hpc_executor.types import Result, Status
+
+SPEC_FILE = "spec.json"
+RESULT_FILE = "result.json"
+STARTED_FILE = "started.json"
+DIFF_FILE = "patch.diff"
+TRAIN_LOG = "train.log"
+EVAL_LOG = "eval.log"
+
+
+@dataclass
+class TrialSpec:
+    trial_id: str
+    trial_dir: str
+    env: dict[str, Any]  # the resolved env config
+    seed: int = 0
+    keep_workspace: bool = False
+    isolate_pids: str = "auto"  # run training in its own PID namespace: auto | on | off
+    provenance: dict[str, Any] = field(default_factory=dict)  # idea, models, config hash ...
+
+    def write(self) -> None:
+        write_atomic(Path(self.trial_dir) / SPEC_FILE, json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def read(cls, trial_dir: Path) -> TrialSpec:
+        return cls(**json.loads((trial_dir / SPEC_FILE).read_text()))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename: readers see all or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def run_trial(trial_dir: str) -> str:
+    """Entry point of a scheduled job. Returns the result path. Runs nothing if a result exists
+    (a requeued job that already finished)."""
+    tdir = Path(trial_dir)
+    result_path = tdir / RESULT_FILE
+    if result_path.exists():
+        return str(result_path)
+    # Slurm and submitit stop a job with SIGTERM/SIGINT: turn them into exceptions so the trial's
+    # process group is killed on the way out. No result is written then: the driver decides from
+    # the scheduler's state whether the trial was cancelled, timed out or must run again.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_interrupt)
+    spec = TrialSpec.read(tdir)
+    result = TrialRunner(spec).run()
+    write_atomic(result_path, result.to_json())
+    return str(result_path)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class TrialRunner:
+    def __init__(self, spec: TrialSpec) -> None:
+        self.spec = spec
+        self.dir = Path(spec.trial_dir)
+        self.env = Environment(spec.env)
+        self.workspace = self.dir / "workspace"
+        self.evaluator = self.dir / "evaluator"
+        self.output = self.dir / "output"
+        self.started = time.monotonic()
+
+    def run(self) -> Result:
+        write_atomic(self.dir / STARTED_FILE, json.dumps(self._where(), sort_keys=True))
+        for d in (self.workspace, self.evaluator, self.output):
+            shutil.rmtree(d, ignore_errors=True)  # leftovers of an attempt that was interrupted
+        self.output.mkdir(parents=True)
+        for log in (TRAIN_LOG, EVAL_LOG):
+            (self.dir / log).unlink(missing_ok=True)
+        try:
+            return self._run()
+        finally:
+            if not self.spec.keep_workspace:
+                shutil.rmtree(self.workspace, ignore_errors=True)
+                shutil.rmtree(self.evaluator, ignore_errors=True)
+
+    def _run(self) -> Result:
+        copy_baseline(self.env.baseline_dir, self.workspace)
+        diff = (self.dir / DIFF_FILE).read_text() if (self.dir / DIFF_FILE).exists() else ""
+        if diff.strip():
+            try:
+                apply_diff(diff, self.workspace, self.env.policy)
+            except PatchRejected as exc:
+                return self._result(Status.PATCH_REJECTED, reason=str(exc))
+            except PatchFailed as exc:
+                return self._result(Status.CRASHED, reason=f"the diff no longer applies: {exc}")
+
+        env_vars = self.env.trial_env(self.spec.seed) | {"HPCX_OUTPUT_DIR": str(self.output)}
+        train = run_in_group(
+            [*pid_namespace_prefix(self.spec.isolate_pids), *self.env.command(self.env.cfg.run_command)],
+            cwd=self.workspace,
+            env=scrubbed_environ(os.environ, env_vars),
+            log_path=self.dir / TRAIN_LOG,
+            limit_s=self.env.cfg.hard_limit_s,
+        )
+        if train.timed_out:
+            return self._result(
+                Status.TIMEOUT, reason=f"training killed at the hard limit of {self.env.cfg.hard_limit_s}s"
+            )
+        if train.returncode != 0:
+            return self._result(Status.CRASHED, reason=f"training exited with code {train.returncode}")
+        tampered = self._tampered_protected_files()
+        if tampered:
+            return self._result(
+                Status.INVALID_RESULT, reason=f"protected files changed during the run: {', '.join(tampered)}"
+            )
+
+        copy_baseline(self.env.baseline_dir, self.evaluator)  # pristine: never the workspace's copy
+        metrics_path = self.dir / "metrics.json"
+        metrics_path.unlink(missing_ok=True)
+        evaluation = run_in_group(
+            self.env.command(self.env.cfg.eval_command),
+            cwd=self.evaluator,
+            env=scrubbed_environ(
+                os.environ,
+                env_vars | {"HPCX_WORKSPACE": str(self.workspace), "HPCX_METRICS_PATH": str(metrics_path)},
+            ),
+            log_path=self.dir / EVAL_LOG,
+            limit_s=self.env.cfg.eval_limit_s,
+        )
+        if evaluation.timed_out or evaluation.returncode != 0:
+            why = "timed out" if evaluation.timed_out else f"exited with code {evaluation.returncode}"
+            return self._result(Status.CRASHED, reason=f"the evaluator {why}", log=EVAL_LOG)
+        try:
+            metrics = json.loads(metrics_path.read_text())
+            if not isinstance(metrics, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            return self._result(Status.INVALID_RESULT, reason=f"no readable metrics: {exc}", log=EVAL_LOG)
+        metrics = {k: _json_safe(v) for k, v in metrics.items()}
+        outcome = self.env.reward(metrics)
+        if outcome.reward is None:
+            return self._result(Status.INVALID_RESULT, reason=outcome.problem, metrics=metrics, log=EVAL_LOG)
+        return self._result(Status.OK, reward=outcome.reward, metrics=metrics)
+
+    def _tampered_protected_files(self) -> list[str]:
+        changed = []
+        for rel in self.env.baseline_files():
+            if self.env.policy_protects(rel) and file_digest(self.workspace / rel) != file_digest(
+                self.env.baseline_dir / rel
+            ):
+                changed.append(rel)
+        return changed
+
+    def _result(
+        self,
+        status: Status,
+        *,
+        reward: float | None = None,
+        reason: str = "",
+        metrics: dict[str, Any] | None = None,
+        log: str = TRAIN_LOG,
+    ) -> Result:
+        log_path = self.dir / log
+        return Result(
+            trial_id=self.spec.trial_id,
+            status=status,
+            reward=reward,
+            metrics=metrics or {},
+            runtime_s=round(time.monotonic() - self.started, 3),
+            log_path=str(log_path),
+            log_tail=tail(log_path),
+            reason=reason,
+            provenance=self.spec.provenance | self._where() | {"packages": package_versions()},
+        )
+
+    def _where(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpu_type": gpu_type(),
+            "started_at": time.time(),
+        }
+
+
+def copy_baseline(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity are not JSON: keep them readable as strings."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    return value
+
+
+_PACKAGES = ("torch", "transformers", "vllm", "numpy", "hpc-executor")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def gpu_type() -> str | None:
+    """The GPU model, read without importing torch (worker start-up stays cheap)."""
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") or not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+if __name__ == "__main__":  # re-run one trial by hand: python -m hpc_executor.worker TRIAL_DIR
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m hpc_executor.worker TRIAL_DIR")
+    print(run_trial(sys.argv[1]))

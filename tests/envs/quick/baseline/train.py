@@ -1,0 +1,22 @@
+"""A toy training run: gradient descent on a 1-D quadratic. Fast and pure Python, for the tests."""
+
+import json
+import os
+import sys
+import time
+
+import params
+
+x, velocity = 5.0, 0.0
+for step in range(params.STEPS):
+    grad = 2 * (x - 1.0)
+    velocity = params.MOMENTUM * velocity - params.LEARNING_RATE * grad
+    x += velocity
+print(f"trained: x={x:.6f}", flush=True)
+if os.environ.get("QUICK_PRINT_ENV"):
+    print(json.dumps(dict(os.environ)), flush=True)
+if os.environ.get("QUICK_SLEEP_S"):
+    time.sleep(float(os.environ["QUICK_SLEEP_S"]))
+with open(os.path.join(os.environ["HPCX_OUTPUT_DIR"], "weights.json"), "w") as f:
+    json.dump({"x": x}, f)
+sys.exit(0)
