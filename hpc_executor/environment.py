@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hpc_executor.config import EnvConfig
 from hpc_executor.errors import ConfigError, PreflightError
 from hpc_executor.patching import WorkspacePolicy, path_matches
 
@@ -37,7 +38,8 @@ class RewardOutcome:
 
 class Environment:
     def __init__(self, cfg: DictConfig | dict[str, Any]) -> None:
-        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        # typed and completed by the schema, whether it comes from Hydra or from a spec.json
+        self.cfg = OmegaConf.merge(OmegaConf.structured(EnvConfig), cfg)
         self.name: str = self.cfg.name
         self.dir = self._resolve(self.cfg.dir, REPO_ROOT)
         self.baseline_dir = self.dir / self.cfg.baseline

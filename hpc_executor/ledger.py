@@ -98,10 +98,11 @@ class Ledger:
 
     # -- writes ------------------------------------------------------------------------------
     def add_llm_call(self, call_id: str, **fields: Any) -> None:
+        """Plain INSERT: a call recorded twice means an idea was asked for twice, a bug to surface."""
         cols = ["call_id", *fields, "created_at"]
         vals = [call_id, *fields.values(), time.time()]
         self.db.execute(
-            f"INSERT OR IGNORE INTO llm_calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
+            f"INSERT INTO llm_calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
         )
 
     def add_idea(self, idea: Idea, slot: int) -> None:

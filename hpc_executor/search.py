@@ -133,12 +133,13 @@ class Search:
                 seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
                 proposal = self.ideator.propose(effective, len(group), shown, seed)
                 call_id = f"e{epoch}-{effective}-{group[0].index}-a{attempt}"
-                self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response))
-                for slot, (title, description) in zip(group, proposal.ideas):
-                    parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
-                    idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, effective,
-                                parents[: self.cfg.strategy.max_shown], call_id)  # fmt: skip
-                    self.ledger.add_idea(idea, slot.index)
+                parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
+                with self.ledger.transaction():  # the call and its ideas land together, or not at all
+                    self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response))
+                    for slot, (title, description) in zip(group, proposal.ideas):
+                        idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, effective,
+                                    parents, call_id)  # fmt: skip
+                        self.ledger.add_idea(idea, slot.index)
                 group = group[len(proposal.ideas) :]
                 if not group:
                     break
@@ -163,9 +164,10 @@ class Search:
                 except Exception as exc:  # a bug or bad answer must not stop the other ideas
                     log.exception("implementing %s failed", idea.idea_id)
                     patch, calls = Patch(idea.idea_id, None, "implement_failed", f"internal error: {exc}"), []
-                for c in calls:
-                    self._record_call("implementer", epoch, c)
-                self.ledger.add_patch(patch)
+                with self.ledger.transaction():
+                    for c in calls:
+                        self._record_call("implementer", epoch, c)
+                    self.ledger.add_patch(patch)
                 self._show(epoch)
 
     def create_trials(self, epoch: int) -> None:
@@ -302,6 +304,8 @@ class Search:
         )  # fmt: skip
         if r.error:
             log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)
+        if role == "implementer" and call.request.purpose == "revise":
+            log.info("%s: revision %s after: %s", call.call_id, call.call_id[-1], call.request.context["error"][:200])
 
     def _show(self, epoch: int) -> None:
         rows = self.ledger.outcomes(until_epoch=epoch)

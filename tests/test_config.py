@@ -1,0 +1,96 @@
+"""Every config in conf/ composes; the command line explains what is missing instead of crashing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hpc_executor.config import register_configs
+from hpc_executor.environment import Environment
+from hpc_executor.search import CONF_DIR, choices, missing_groups
+
+register_configs()
+ENVS, MODELS = choices("env"), choices("model")
+STRATEGIES, SCHEDULERS = choices("strategy"), choices("scheduler")
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("search", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_every_env_composes_and_points_at_a_real_environment(env: str) -> None:
+    cfg = composed(f"+env={env}", "+model=offline")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    environment = Environment(cfg.env)
+    assert environment.baseline_dir.is_dir()
+    assert environment.catalog_path() is not None and environment.catalog_path().is_file()
+    for rel in cfg.env.protected:
+        assert (environment.baseline_dir / rel).is_file(), f"{env}: protected file {rel} does not exist"
+    assert cfg.run_name == f"{env}-offline-evolution-seed0"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes(model: str) -> None:
+    cfg = composed("+env=grpo", f"+model={model}")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    for role in ("ideator", "implementer"):
+        assert cfg.model[role].provider in ("anthropic", "openai", "offline")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_strategy_and_scheduler_composes(strategy: str, scheduler: str) -> None:
+    cfg = composed("+env=tiny", "+model=opus", f"strategy={strategy}", f"scheduler={scheduler}")
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.strategy.name == strategy and cfg.scheduler.name == scheduler
+
+
+def test_paper_models_keep_the_papers_settings() -> None:
+    opus = composed("+env=grpo", "+model=opus").model
+    assert opus.ideator.model == "claude-opus-4-5"
+    assert (opus.ideator.thinking_budget, opus.ideator.thinking_budget_search) == (3000, 1500)
+    assert (opus.implementer.max_tokens, opus.samples, opus.revisions) == (10000, 10, 2)
+    gpt5 = composed("+env=grpo", "+model=gpt5").model
+    assert gpt5.implementer.reasoning_effort == "minimal"
+    mixed = composed("+env=grpo", "+model=sonnet_ideas_gpt5_code").model
+    assert (mixed.ideator.provider, mixed.implementer.provider) == ("anthropic", "openai")
+
+
+def test_missing_groups_are_detected_from_the_command_line() -> None:
+    assert missing_groups([]) == ["env", "model"]
+    assert missing_groups(["+env=tiny"]) == ["model"]
+    assert missing_groups(["+env=tiny", "+model=offline", "seed=3"]) == []
+    assert missing_groups(["--help"]) == []
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hpc_executor.search", *args], cwd=cwd, capture_output=True,
+                          text=True, env=env or dict(os.environ), timeout=120)  # fmt: skip
+
+
+def test_without_env_and_model_the_choices_are_listed(tmp_path: Path) -> None:
+    proc = run_cli(cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "+env=tiny +model=offline" in proc.stderr
+    for name in ENVS + MODELS:
+        assert name in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_grpo_with_opus_and_no_key_stops_before_any_work(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    proc = run_cli("+env=grpo", "+model=opus", "env.data_dir=" + str(tmp_path / "no-data"), cwd=tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "ANTHROPIC_API_KEY" in proc.stderr
+    assert "data missing" in proc.stderr and "prepare_data.py" in proc.stderr
+    assert not (tmp_path / "outputs").exists(), "a run that never started leaves no directory"

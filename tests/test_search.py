@@ -1,0 +1,102 @@
+"""The whole loop through the real command line, on the toy environment: end to end, and resume
+after the driver is killed at a bad moment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+from conftest import run_search, search_cmd
+
+from hpc_executor import ledger as ledger_module
+
+RUN = "outputs/quick-offline-evolution-seed0"
+
+
+def test_end_to_end_on_the_local_scheduler(tmp_path: Path) -> None:
+    proc = run_search("+env=quick", "+model=offline", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "offline scripted stand-in (not an LLM)" in out
+    assert "epoch 2/2" in out and "Best ideas of" in out and "execution rate" in out
+
+    frames = ledger_module.load(tmp_path / RUN)
+    ideas, trials, results = frames["ideas"], frames["trials"], frames["results"]
+    assert len(ideas) == 2 * 3 + 1  # two epochs of three, and the baseline
+    assert set(ideas.kind) >= {"baseline", "ideate"} and ideas.kind.isin(["exploit", "explore"]).sum() == 3
+    assert len(trials) == len(results) == len(ideas), "every idea ends in exactly one result"
+    assert set(trials.state) == {"done"}
+    ok = results[results.status == "ok"]
+    baseline = ok[ok.trial_id == "baseline-t0"].reward.iloc[0]
+    assert ok.reward.max() > baseline, "the search should find something better than the baseline"
+    calls = frames["llm_calls"]
+    assert set(calls.role) == {"ideator", "implementer"} and calls.error.isna().all()
+    for trial_dir in trials.trial_dir:
+        assert (Path(trial_dir) / "result.json").exists() or not (Path(trial_dir) / "spec.json").exists()
+
+    again = run_search("+env=quick", "+model=offline", cwd=tmp_path)
+    assert again.returncode == 0
+    assert len(ledger_module.load(tmp_path / RUN)["llm_calls"]) == len(calls), "a finished run asks nothing more"
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def results_count(run_dir: Path) -> int:
+    try:
+        db = sqlite3.connect(run_dir / "ledger.sqlite", timeout=5)
+        try:
+            return db.execute("SELECT count(*) FROM results").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_resume_after_the_driver_is_killed_mid_epoch(tmp_path: Path) -> None:
+    run_log = tmp_path / "runs.log"
+    args = ("+env=quick", "+model=offline", "+env.extra_env.QUICK_SLEEP_S=1.5",
+            f"+env.extra_env.QUICK_RUN_LOG={run_log}")  # fmt: skip
+    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / RUN
+    wait_for(lambda: results_count(run_dir) >= 2 or driver.poll() is not None)
+    assert driver.poll() is None, "the driver should still be running"  # some trials done, others still running
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done_before = results_count(run_dir)
+
+    proc = run_search(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = ledger_module.load(run_dir)
+    assert len(frames["results"]) == len(frames["ideas"]) == 7 > done_before
+    runs = Counter(run_log.read_text().split())
+    assert runs and max(runs.values()) == 1, f"a trial ran twice: {runs}"
+    assert frames["llm_calls"].call_id.is_unique
+
+
+def test_trials_whose_jobs_vanished_run_again_once(tmp_path: Path) -> None:
+    """Kill the driver and its jobs together (a lost node): the next driver resubmits them."""
+    args = ("+env=quick", "+model=offline", "strategy.epochs=1", "+env.extra_env.QUICK_SLEEP_S=8")
+    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    run_dir = tmp_path / RUN
+    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    proc = run_search("+env=quick", "+model=offline", "strategy.epochs=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = ledger_module.load(run_dir)
+    resubmitted = frames["trials"][frames["trials"].note.fillna("").str.contains("vanished")]
+    assert len(resubmitted) >= 2
+    assert (resubmitted.submissions == 2).all()
+    assert len(frames["results"]) == len(frames["ideas"])

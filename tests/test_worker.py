@@ -1,0 +1,230 @@
+"""The worker and its sandbox: fresh workspace, scrubbed environment, hard kill, frozen evaluator,
+protected files, exactly one atomic result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import quick_env_config
+
+from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ
+from hpc_executor.types import Result, Status
+from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
+
+SECRETS = {
+    "ANTHROPIC_API_KEY": "sk-ant-test-123",
+    "OPENAI_API_KEY": "sk-test-456",
+    "HF_TOKEN": "hf_abcdef",
+    "MY_SERVICE_SECRET": "s3cr3t",
+    "SLURM_AUTH_TOKEN": "slurm-auth-value",
+    "INNOCENT_LOOKING": "sk-ant-hidden-in-a-plain-name",
+}
+
+
+def make_trial(tmp_path: Path, diff: str = "", **env_overrides: object) -> Path:
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / DIFF_FILE).write_text(diff)
+    TrialSpec("t1", str(trial_dir), quick_env_config(**env_overrides), seed=0).write()
+    return trial_dir
+
+
+def result_of(trial_dir: Path) -> Result:
+    return Result.from_json((trial_dir / RESULT_FILE).read_text())
+
+
+def test_baseline_trial_is_ok_with_reward_from_the_frozen_evaluator(tmp_path: Path) -> None:
+    trial_dir = make_trial(tmp_path)
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.OK, result.reason
+    assert result.reward == pytest.approx(1 / result.metrics["loss"])
+    assert result.metrics["evaluated_from"] == str(trial_dir / "evaluator"), "evaluator must run from a pristine copy"
+    assert "trained" in result.log_tail
+    assert result.provenance["packages"]["python"]
+    assert [p.name for p in trial_dir.iterdir() if p.name.startswith(".")] == [], "no temp files left"
+    assert not (trial_dir / "workspace").exists(), "workspaces are removed unless kept"
+
+
+def test_the_diff_is_applied_in_the_workspace_only(tmp_path: Path) -> None:
+    diff = textwrap.dedent("""\
+        --- a/params.py
+        +++ b/params.py
+        @@ -2,1 +2,1 @@
+        -LEARNING_RATE = 0.1
+        +LEARNING_RATE = 0.4
+    """)
+    baseline = quick_env_config()["dir"] + "/baseline/params.py"
+    before = Path(baseline).read_bytes()
+    trial_dir = make_trial(tmp_path, diff)
+    run_trial(str(trial_dir))
+    assert result_of(trial_dir).reward > 9.95
+    assert Path(baseline).read_bytes() == before
+
+
+def test_trial_sees_no_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    trial_dir = make_trial(tmp_path, **{"extra_env": {"QUICK_PRINT_ENV": "1"}})
+    run_trial(str(trial_dir))
+    log = (trial_dir / "train.log").read_text()
+    printed = json.loads(next(line for line in log.splitlines() if line.startswith("{")))
+    assert printed["HPCX_OUTPUT_DIR"].endswith("output")
+    for name, value in SECRETS.items():
+        assert name not in printed and value not in log
+
+
+def test_scrubbed_environ_allows_what_training_needs() -> None:
+    base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "7", "LC_ALL": "C", "RANDOM_VAR": "1",
+            **SECRETS}  # fmt: skip
+    env = scrubbed_environ(base, {"HPCX_SEED": "0"})
+    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "7", "LC_ALL": "C", "HPCX_SEED": "0"}
+    with pytest.raises(ValueError, match="WANDB_API_KEY"):
+        scrubbed_environ(base, {"WANDB_API_KEY": "x"})
+
+
+@pytest.mark.skipif(not pid_namespace_prefix("auto"), reason="unshare --pid is not permitted on this host")
+def test_trial_cannot_read_other_processes_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even /proc/<pid>/environ of the driver is out of reach: the trial has its own PID namespace."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n")
+    log = tmp_path / "log"
+    argv = [*pid_namespace_prefix("auto"), sys.executable, str(probe)]
+    run_in_group(argv, cwd=tmp_path, env=scrubbed_environ(os.environ), log_path=log, limit_s=30)
+    pids = json.loads(log.read_text().splitlines()[-1])
+    assert os.getpid() not in pids and max(pids) < 10
+
+
+def test_hard_limit_kills_a_group_that_ignores_sigterm(tmp_path: Path) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(textwrap.dedent("""\
+        import os, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+        open("child.pid", "w").write(str(child.pid))
+        time.sleep(600)
+    """))
+    start = time.monotonic()
+    done = run_in_group([sys.executable, str(script)], cwd=tmp_path, env=scrubbed_environ(os.environ),
+                        log_path=tmp_path / "log", limit_s=2, grace_s=1)  # fmt: skip
+    assert done.timed_out and done.returncode is None
+    assert time.monotonic() - start < 15
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
+    assert "killed at the hard limit" in (tmp_path / "log").read_text()
+
+
+def test_timeout_result(tmp_path: Path) -> None:
+    trial_dir = make_trial(tmp_path, hard_limit_s=1, budget_s=1, **{"extra_env": {"QUICK_SLEEP_S": "60"}})
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.TIMEOUT and result.reward is None
+    assert "hard limit" in result.reason
+
+
+def test_crash_result_carries_the_log_tail(tmp_path: Path) -> None:
+    diff = textwrap.dedent("""\
+        --- a/train.py
+        +++ b/train.py
+        @@ -8,2 +8,3 @@
+         import params
+        +raise RuntimeError("boom from the idea")
+         
+    """)
+    trial_dir = make_trial(tmp_path, diff)
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.CRASHED, result.reason
+    assert "boom from the idea" in result.log_tail
+
+
+def test_tampering_with_a_protected_file_at_run_time_is_invalid(tmp_path: Path) -> None:
+    diff = textwrap.dedent("""\
+        --- a/train.py
+        +++ b/train.py
+        @@ -8,2 +8,3 @@
+         import params
+        +open("evaluate.py", "a").write("\\n# tampered\\n")
+         
+    """)
+    trial_dir = make_trial(tmp_path, diff)
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.INVALID_RESULT
+    assert "evaluate.py" in result.reason
+
+
+def test_a_diff_to_a_protected_file_is_rejected_by_the_worker_too(tmp_path: Path) -> None:
+    diff = "--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1,1 +1,1 @@\n-\"\"\"Frozen evaluator of the toy environment: the loss is computed here, never trusted from training.\"\"\"\n+x = 1\n"
+    trial_dir = make_trial(tmp_path, diff)
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.PATCH_REJECTED
+    assert "evaluate.py" in result.reason
+
+
+def test_out_of_range_metric_is_invalid(tmp_path: Path) -> None:
+    trial_dir = make_trial(tmp_path, **{"reward.metric_max": 0.05})
+    run_trial(str(trial_dir))
+    assert result_of(trial_dir).status is Status.INVALID_RESULT
+
+
+def test_a_finished_trial_never_runs_again(tmp_path: Path) -> None:
+    trial_dir = make_trial(tmp_path)
+    run_trial(str(trial_dir))
+    first = (trial_dir / RESULT_FILE).read_text()
+    (trial_dir / "train.log").unlink()
+    run_trial(str(trial_dir))
+    assert (trial_dir / RESULT_FILE).read_text() == first
+    assert not (trial_dir / "train.log").exists()
+
+
+def test_worker_interrupted_leaves_no_result_and_no_processes(tmp_path: Path) -> None:
+    """scancel/Ctrl-C: the trial's group dies with the worker; the driver decides what it means."""
+    trial_dir = make_trial(tmp_path, **{"extra_env": {"QUICK_SLEEP_S": "60"}, "hard_limit_s": 120})
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_executor.worker", str(trial_dir)])
+    deadline = time.monotonic() + 30
+    log = trial_dir / "train.log"
+    while not (log.exists() and "trained" in log.read_text(errors="ignore")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert processes_under(trial_dir), "the trial should be running now"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert not (trial_dir / RESULT_FILE).exists()
+    assert processes_under(trial_dir) == []
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent to reap it (kill(pid, 0) says yes to those)."""
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
+def processes_under(directory: Path) -> list[int]:
+    """Live processes whose working directory lies in ``directory``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(directory)) and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
