@@ -19,6 +19,10 @@ class PatchRejected(HpcExecutorError):
     """A diff broke the workspace policy; it is recorded and never applied."""
 
 
+class NotADiff(PatchRejected):
+    """The answer holds no diff at all (prose, an empty answer): the implementer failed, no policy was broken."""
+
+
 class PatchFailed(HpcExecutorError):
     """A diff is well-formed and allowed but does not apply to the baseline."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpc_executor import prompts
 from hpc_executor.environment import Environment
-from hpc_executor.errors import PatchFailed, PatchRejected
+from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
 from hpc_executor.patching import apply_diff
 from hpc_executor.types import Idea, Patch
@@ -93,8 +93,8 @@ class Implementer:
             try:
                 attempt.diff = self.check(response.text)
                 return attempt
-            except PatchRejected as exc:
-                attempt.error, attempt.rejected = str(exc), True
+            except PatchRejected as exc:  # NotADiff is no policy breach: revise, but do not count it as one
+                attempt.error, attempt.rejected = str(exc), not isinstance(exc, NotADiff)
             except PatchFailed as exc:
                 attempt.error, attempt.rejected = str(exc), False
             prompt = base_prompt + "\n\n" + prompts.render(

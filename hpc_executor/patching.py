@@ -46,7 +46,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_executor.errors import PatchFailed, PatchRejected
+from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 
 __all__ = [
     "FileChange",
@@ -531,7 +531,7 @@ def extract_diff(text: str) -> str:
         if _looks_like_diff(lines[i : i + 2]):
             return "\n".join(lines[i:]) + "\n"
     snippet = " ".join(text.split())[:120]
-    raise PatchRejected(f"empty or non-diff output: no unified diff found in the answer ({snippet!r})")
+    raise NotADiff(f"empty or non-diff output: no unified diff found in the answer ({snippet!r})")
 
 
 def repair_hunk_headers(diff: str) -> str:
@@ -610,7 +610,7 @@ def parse_diff(diff: str) -> list[FileChange]:
     """
     scanner = _Scanner(diff)
     if not scanner.sections:
-        raise PatchRejected("empty or non-diff output: no file header ('diff --git' or '---'/'+++') found")
+        raise NotADiff("empty or non-diff output: no file header ('diff --git' or '---'/'+++') found")
     return [_file_change(s, scanner.lines[s.start]) for s in scanner.sections]
 
 
@@ -677,7 +677,7 @@ def check_policy(changes: list[FileChange], policy: WorkspacePolicy, root: Path)
     the way to a touched file are looked up there.
     """
     if not changes:
-        raise PatchRejected("empty or non-diff output: the diff changes no file")
+        raise NotADiff("empty or non-diff output: the diff changes no file")
     problems = [problem for change in changes for problem in _change_problems(change, policy, Path(root))]
     if problems:
         raise PatchRejected("; ".join(problems))

@@ -100,3 +100,14 @@ def test_trials_whose_jobs_vanished_run_again_once(tmp_path: Path) -> None:
     assert len(resubmitted) >= 2
     assert (resubmitted.submissions == 2).all()
     assert len(frames["results"]) == len(frames["ideas"])
+
+
+def test_a_trial_can_be_rerun_from_the_ledger(tmp_path: Path) -> None:
+    proc = run_search("+env=quick", "+model=offline", "strategy.epochs=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hpc_executor.rerun import rerun
+
+    original = ledger_module.load(tmp_path / RUN)["results"].set_index("trial_id").loc["baseline-t0"]
+    again = rerun(tmp_path / RUN, "baseline-t0")
+    assert again.status.value == "ok" and again.reward == original.reward
+    assert again.provenance["rerun_of"] == "baseline-t0"

@@ -1,0 +1,62 @@
+"""The whole driver with real SDKs (Anthropic ideator, OpenAI implementer) against the loopback
+server: rate limits and overloads are retried, a bad diff is revised with the error fed back,
+a failed LLM call is recorded and the run goes on; tokens and cost land in the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import run_search
+from fakes.llm_server import FakeLLMServer, Reply
+
+from hpc_executor import ledger as ledger_module
+
+IDEA = "<idea>\n<title>Raise the learning rate</title>\n<description>Use 0.4 instead of 0.1.</description>\n</idea>"
+BAD_DIFF = "```diff\n--- a/params.py\n+++ b/params.py\n@@ -1,2 +1,2 @@\n-LEARNING_RATE = 0.7\n+LEARNING_RATE = 0.4\n```"
+GOOD_DIFF = ("```diff\n--- a/params.py\n+++ b/params.py\n@@ -1,4 +1,4 @@\n"
+             " # Hyperparameters of the toy \"training\" run; ideas edit these.\n"
+             "-LEARNING_RATE = 0.1\n+LEARNING_RATE = 0.4\n STEPS = 20\n MOMENTUM = 0.0\n```")  # fmt: skip
+
+
+def test_search_with_real_sdks_against_the_loopback_server(tmp_path: Path) -> None:
+    with FakeLLMServer() as server:
+        server.script(
+            429, Reply(text=IDEA),  # ideator: rate limited, then the idea (anthropic)
+            529, Reply(text=BAD_DIFF),  # implementer: overloaded, then a diff that does not apply
+            Reply(text=GOOD_DIFF),  # the revision, with git's error in its prompt
+        )
+        fast = ["backoff_s=0.01", "max_retries=2", "timeout_s=10"]
+        proc = run_search(
+            "+env=quick", "+model=sonnet_ideas_gpt5_code", "strategy.epochs=1", "strategy.batch_size=1",
+            "strategy.call_size=1", "model.samples=1", "model.revisions=1",
+            f"model.ideator.base_url={server.url}", f"model.implementer.base_url={server.url}/v1",
+            *[f"model.{role}.{kv}" for role in ("ideator", "implementer") for kv in fast],
+            cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy", "OPENAI_API_KEY": "sk-dummy"},
+        )  # fmt: skip
+        paths = [r.path for r in server.requests]
+        revise_prompt = server.requests[-1].body["input"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert paths == ["/v1/messages"] * 2 + ["/v1/responses"] * 3
+    assert "could not be used" in revise_prompt and "LEARNING_RATE = 0.7" in revise_prompt
+
+    frames = ledger_module.load(tmp_path / "outputs/quick-sonnet_ideas_gpt5_code-evolution-seed0")
+    calls = frames["llm_calls"].set_index("call_id")
+    assert calls.loc["e0-ideate-0-a0", "attempts"] == 2
+    assert calls.loc["e0-000-s0-r0", "attempts"] == 2 and calls.loc["e0-000-s0-r1", "purpose"] == "revise"
+    assert (calls.cost_usd > 0).all() and (calls.input_tokens > 0).all()
+    result = frames["results"].set_index("trial_id").loc["e0-000-t0"]
+    assert result.status == "ok" and result.reward > 9.95
+
+
+def test_a_failing_llm_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    with FakeLLMServer() as server:
+        server.script(*[500] * 9)  # every ideator attempt of all three tries fails
+        proc = run_search(
+            "+env=quick", "+model=sonnet", "strategy.epochs=1", "strategy.batch_size=1", "strategy.call_size=1",
+            f"model.ideator.base_url={server.url}", "model.ideator.backoff_s=0.01", "model.ideator.max_retries=2",
+            cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy"},
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "idea slots stay empty" in proc.stdout + proc.stderr
+    calls = ledger_module.load(tmp_path / "outputs/quick-sonnet-evolution-seed0")["llm_calls"]
+    assert len(calls) == 3 and calls.error.str.contains("HTTP 500").all()
