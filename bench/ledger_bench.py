@@ -74,7 +74,9 @@ def bench_empty_poll(recorded: int, open_trials: int, repeats: int = 50) -> tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ingest", type=int, default=10_000, help="result files to ingest")
     parser.add_argument("--recorded", type=int, default=100_000, help="results already in the ledger")
     parser.add_argument("--open", type=int, default=64, help="trials still running during the empty poll")

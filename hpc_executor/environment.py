@@ -123,7 +123,9 @@ class Environment:
         """What stops this environment from running, each as an instruction."""
         problems = []
         if not self.baseline_dir.is_dir():
-            problems.append(f"env {self.name}: baseline directory {self.baseline_dir} does not exist (env.dir)")
+            problems.append(
+                f"env {self.name}: baseline directory {self.baseline_dir} does not exist (env.dir)"
+            )
             return problems
         missing = self.missing_data()
         if missing and not self.cfg.auto_prepare:
@@ -133,9 +135,7 @@ class Environment:
                 if self.cfg.prepare_command
                 else "put the files there, or point env.data_dir at them"
             )
-            problems.append(
-                f"env {self.name}: data missing in {self.data_dir}: {', '.join(missing)}; {how}"
-            )
+            problems.append(f"env {self.name}: data missing in {self.data_dir}: {', '.join(missing)}; {how}")
         return problems
 
     def prepare(self) -> None:

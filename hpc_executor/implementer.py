@@ -42,7 +42,9 @@ class Attempt:
 
 
 class Implementer:
-    def __init__(self, llm: LLM, env: Environment, samples: int, revisions: int, thinking_budget: int) -> None:
+    def __init__(
+        self, llm: LLM, env: Environment, samples: int, revisions: int, thinking_budget: int
+    ) -> None:
         self.llm = llm
         self.env = env
         self.samples = max(1, samples)
@@ -81,9 +83,14 @@ class Implementer:
                 purpose=purpose,
                 system=prompts.render("implementer_system"),
                 thinking_budget=self.thinking_budget,
-                context={"idea": idea.__dict__, "sample": sample, "revision": revision,
-                         "error": attempt.error, "catalog": str(self.env.catalog_path() or ""),
-                         "baseline_dir": str(self.env.baseline_dir)},  # fmt: skip
+                context={
+                    "idea": idea.__dict__,
+                    "sample": sample,
+                    "revision": revision,
+                    "error": attempt.error,
+                    "catalog": str(self.env.catalog_path() or ""),
+                    "baseline_dir": str(self.env.baseline_dir),
+                },
             )
             response = self.llm.complete(request)
             attempt.calls.append(Call(f"{idea.idea_id}-s{sample}-r{revision}", request, response))
@@ -97,8 +104,12 @@ class Implementer:
                 attempt.error, attempt.rejected = str(exc), not isinstance(exc, NotADiff)
             except PatchFailed as exc:
                 attempt.error, attempt.rejected = str(exc), False
-            prompt = base_prompt + "\n\n" + prompts.render(
-                "revise", idea_title=idea.title, error=attempt.error, diff=response.text.strip()[-20000:]
+            prompt = (
+                base_prompt
+                + "\n\n"
+                + prompts.render(
+                    "revise", idea_title=idea.title, error=attempt.error, diff=response.text.strip()[-20000:]
+                )
             )
             purpose = "revise"
         return attempt

@@ -119,7 +119,9 @@ class Ledger:
              json.dumps(patch.llm_call_ids), time.time()),
         )  # fmt: skip
 
-    def add_trial(self, trial_id: str, idea_id: str, epoch: int, trial_dir: str, state: str = "pending") -> None:
+    def add_trial(
+        self, trial_id: str, idea_id: str, epoch: int, trial_dir: str, state: str = "pending"
+    ) -> None:
         now = time.time()
         self.db.execute(
             "INSERT OR IGNORE INTO trials (trial_id, idea_id, epoch, trial_dir, state, created_at, updated_at)"
@@ -186,14 +188,16 @@ class Ledger:
 
     def poll(self, result_name: str = "result.json") -> int:
         """Ingest the results of open trials that have appeared since the last poll."""
-        found = [
-            p for row in self.open_trials() if (p := Path(row["trial_dir"]) / result_name).exists()
-        ]
+        found = [p for row in self.open_trials() if (p := Path(row["trial_dir"]) / result_name).exists()]
         return self.ingest(found)
 
     # -- reads --------------------------------------------------------------------------------
     def ideas(self, epoch: int | None = None) -> list[Idea]:
-        q = "SELECT * FROM ideas" + (" WHERE epoch = ?" if epoch is not None else "") + " ORDER BY epoch, slot"
+        q = (
+            "SELECT * FROM ideas"
+            + (" WHERE epoch = ?" if epoch is not None else "")
+            + " ORDER BY epoch, slot"
+        )
         rows = self.db.execute(q, () if epoch is None else (epoch,)).fetchall()
         return [
             Idea(r["idea_id"], r["epoch"], r["title"], r["description"], r["kind"],

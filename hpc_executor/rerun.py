@@ -24,7 +24,9 @@ def rerun(run_dir: Path, trial_id: str, seed: int | None = None) -> Result:
     row = ledger.db.execute("SELECT trial_dir FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
     ledger.close()
     if row is None or not (Path(row["trial_dir"]) / "spec.json").exists():
-        raise LedgerError(f"{trial_id} is not a trial of {run_dir} that ran (see the trials table for its ids)")
+        raise LedgerError(
+            f"{trial_id} is not a trial of {run_dir} that ran (see the trials table for its ids)"
+        )
     source = Path(row["trial_dir"])
     n = len(list((run_dir / "reruns").glob(f"{trial_id}-*"))) if (run_dir / "reruns").exists() else 0
     target = run_dir / "reruns" / f"{trial_id}-{n + 1}"

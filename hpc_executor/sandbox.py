@@ -8,6 +8,7 @@ ignore SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -115,10 +116,8 @@ def run_in_group(
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_group(proc.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         except BaseException:
             # the worker itself is being stopped (scancel, Ctrl-C): take the trial with it
             kill_group(proc.pid, signal.SIGKILL)
@@ -133,10 +132,8 @@ def run_in_group(
 
 
 def kill_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def tail(path: Path, max_bytes: int = 4000) -> str:

@@ -136,7 +136,7 @@ class Search:
                 parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
                 with self.ledger.transaction():  # the call and its ideas land together, or not at all
                     self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response))
-                    for slot, (title, description) in zip(group, proposal.ideas):
+                    for slot, (title, description) in zip(group, proposal.ideas, strict=False):
                         idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, effective,
                                     parents, call_id)  # fmt: skip
                         self.ledger.add_idea(idea, slot.index)
@@ -229,7 +229,9 @@ class Search:
         if not batch:
             return 0
         jobs = self.scheduler.submit([t["trial_dir"] for t in batch], self.shape)
-        self.ledger.mark_submitted((t["trial_id"], job, idx) for t, (job, idx) in zip(batch, jobs))
+        self.ledger.mark_submitted(
+            (t["trial_id"], job, idx) for t, (job, idx) in zip(batch, jobs, strict=True)
+        )
         return len(batch)
 
     def _check_jobs(self, trials: list[Any]) -> int:
@@ -265,7 +267,9 @@ class Search:
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
             self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
             return
-        status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(state, Status.CRASHED)
+        status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(
+            state, Status.CRASHED
+        )
         log_path = Path(trial["trial_dir"]) / TRAIN_LOG
         self.ledger.record_results([Result(
             tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job),
@@ -287,11 +291,14 @@ class Search:
         if answer.startswith("y"):
             self.scheduler.cancel(sorted({t["job_id"] for t in open_jobs}))
             self.ledger.record_results(
-                Result(t["trial_id"], Status.CANCELLED, reason="cancelled by the user (Ctrl-C)") for t in open_jobs
+                Result(t["trial_id"], Status.CANCELLED, reason="cancelled by the user (Ctrl-C)")
+                for t in open_jobs
             )
             log.info("cancelled %d trials", len(open_jobs))
         else:
-            log.info("left %d trials running; run the same command again to pick up their results", len(open_jobs))
+            log.info(
+                "left %d trials running; run the same command again to pick up their results", len(open_jobs)
+            )
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _record_call(self, role: str, epoch: int, call: Call) -> None:
@@ -305,7 +312,12 @@ class Search:
         if r.error:
             log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)
         if role == "implementer" and call.request.purpose == "revise":
-            log.info("%s: revision %s after: %s", call.call_id, call.call_id[-1], call.request.context["error"][:200])
+            log.info(
+                "%s: revision %s after: %s",
+                call.call_id,
+                call.call_id[-1],
+                call.request.context["error"][:200],
+            )
 
     def _show(self, epoch: int) -> None:
         rows = self.ledger.outcomes(until_epoch=epoch)
@@ -329,7 +341,9 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
             problems.append(f"{var} is not set (needed by the {' and the '.join(users)}); export it, "
                             "or try the pipeline with +model=offline")  # fmt: skip
     if cfg.scheduler.name == "slurm" and not shutil.which("sbatch"):
-        problems.append("scheduler=slurm but sbatch is not on PATH; run on a Slurm login node or use scheduler=local")
+        problems.append(
+            "scheduler=slurm but sbatch is not on PATH; run on a Slurm login node or use scheduler=local"
+        )
     if problems:
         raise PreflightError("cannot start:\n  - " + "\n  - ".join(problems))
 
@@ -341,7 +355,9 @@ def choices(group: str) -> list[str]:
 
 def missing_groups(argv: list[str]) -> list[str]:
     """Groups the user must append (``+env=...``, ``+model=...``) that the command line lacks."""
-    if any(a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--shell-completion") for a in argv):
+    if any(
+        a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--shell-completion") for a in argv
+    ):
         return []
     return [g for g in ("env", "model") if not any(re.match(rf"^\+{{0,2}}{g}=", a) for a in argv)]
 

@@ -33,7 +33,9 @@ class Strategy:
     def plan(self, epoch: int) -> list[Slot]:
         return [Slot(i, "ideate") for i in range(self.cfg.batch_size)]
 
-    def shown(self, purpose: str, epoch: int, history: list[dict[str, Any]], baseline: float) -> list[dict[str, Any]]:
+    def shown(
+        self, purpose: str, epoch: int, history: list[dict[str, Any]], baseline: float
+    ) -> list[dict[str, Any]]:
         """The earlier ideas a call is shown. ``history``: one dict per idea of earlier epochs
         (and, for ``ideate``, of this epoch so far) with title, description, status, reward."""
         ideas = [h for h in history if h["kind"] != "baseline"]

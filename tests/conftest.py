@@ -30,7 +30,11 @@ def search_cmd(*args: str) -> list[str]:
 
 def run_search(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300):
     return subprocess.run(
-        search_cmd(*args), cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+        search_cmd(*args),
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 

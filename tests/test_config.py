@@ -88,7 +88,9 @@ def test_without_env_and_model_the_choices_are_listed(tmp_path: Path) -> None:
 
 def test_grpo_with_opus_and_no_key_stops_before_any_work(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-    proc = run_cli("+env=grpo", "+model=opus", "env.data_dir=" + str(tmp_path / "no-data"), cwd=tmp_path, env=env)
+    proc = run_cli(
+        "+env=grpo", "+model=opus", "env.data_dir=" + str(tmp_path / "no-data"), cwd=tmp_path, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "ANTHROPIC_API_KEY" in proc.stderr

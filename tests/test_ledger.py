@@ -56,8 +56,12 @@ def test_poll_only_reads_open_trials(tmp_path: Path) -> None:
     assert ledger.poll() == 1
     rewards = dict(ledger.db.execute("SELECT trial_id, reward FROM results").fetchall())
     assert rewards == {dirs[0].name: 2.0, dirs[1].name: 3.0}
-    plan = " ".join(r[-1] for r in ledger.db.execute(
-        "EXPLAIN QUERY PLAN SELECT trial_id FROM trials WHERE state IN ('pending', 'queued', 'running')"))
+    plan = " ".join(
+        r[-1]
+        for r in ledger.db.execute(
+            "EXPLAIN QUERY PLAN SELECT trial_id FROM trials WHERE state IN ('pending', 'queued', 'running')"
+        )
+    )
     assert "trials_open" in plan, f"the open-trials poll must use the partial index, got: {plan}"
 
 

@@ -21,8 +21,10 @@ GOOD_DIFF = ("```diff\n--- a/params.py\n+++ b/params.py\n@@ -1,4 +1,4 @@\n"
 def test_search_with_real_sdks_against_the_loopback_server(tmp_path: Path) -> None:
     with FakeLLMServer() as server:
         server.script(
-            429, Reply(text=IDEA),  # ideator: rate limited, then the idea (anthropic)
-            529, Reply(text=BAD_DIFF),  # implementer: overloaded, then a diff that does not apply
+            429,
+            Reply(text=IDEA),  # ideator: rate limited, then the idea (anthropic)
+            529,
+            Reply(text=BAD_DIFF),  # implementer: overloaded, then a diff that does not apply
             Reply(text=GOOD_DIFF),  # the revision, with git's error in its prompt
         )
         fast = ["backoff_s=0.01", "max_retries=2", "timeout_s=10"]

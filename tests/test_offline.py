@@ -30,7 +30,9 @@ def idea_for(recipe: str) -> Idea:
 
 
 def implement(env: Environment, recipe: str, revisions: int = 2):
-    return Implementer(offline(), env, samples=1, revisions=revisions, thinking_budget=0).implement(idea_for(recipe))
+    return Implementer(offline(), env, samples=1, revisions=revisions, thinking_budget=0).implement(
+        idea_for(recipe)
+    )
 
 
 def test_a_stale_diff_is_revised_with_the_error_fed_back(env: Environment) -> None:

@@ -41,7 +41,9 @@ def test_end_to_end_on_the_local_scheduler(tmp_path: Path) -> None:
 
     again = run_search("+env=quick", "+model=offline", cwd=tmp_path)
     assert again.returncode == 0
-    assert len(ledger_module.load(tmp_path / RUN)["llm_calls"]) == len(calls), "a finished run asks nothing more"
+    assert len(ledger_module.load(tmp_path / RUN)["llm_calls"]) == len(calls), (
+        "a finished run asks nothing more"
+    )
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -66,10 +68,14 @@ def test_resume_after_the_driver_is_killed_mid_epoch(tmp_path: Path) -> None:
     run_log = tmp_path / "runs.log"
     args = ("+env=quick", "+model=offline", "+env.extra_env.QUICK_SLEEP_S=1.5",
             f"+env.extra_env.QUICK_RUN_LOG={run_log}")  # fmt: skip
-    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     run_dir = tmp_path / RUN
     wait_for(lambda: results_count(run_dir) >= 2 or driver.poll() is not None)
-    assert driver.poll() is None, "the driver should still be running"  # some trials done, others still running
+    assert driver.poll() is None, (
+        "the driver should still be running"
+    )  # some trials done, others still running
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     done_before = results_count(run_dir)

@@ -15,7 +15,9 @@ def evolution(**kw: object) -> Evolution:
     return Evolution(cfg, seed=0)
 
 
-@pytest.mark.parametrize(("epoch", "expected"), [(0, 0), (1, 20), (2, 30), (3, 30), (4, 30), (6, 40), (9, 40)])
+@pytest.mark.parametrize(
+    ("epoch", "expected"), [(0, 0), (1, 20), (2, 30), (3, 30), (4, 30), (6, 40), (9, 40)]
+)
 def test_exploit_share_grows_and_rounds_down_to_the_call_size(epoch: int, expected: int) -> None:
     # batch 50, calls of 10: min(0.5 + 0.1*floor(e/2), 0.8) * 50 = 25, 30, 30, 35, 40 -> 20, 30, 30, 30, 40
     assert evolution(batch_size=50, call_size=10).exploit_count(epoch) == expected
@@ -60,6 +62,8 @@ def test_best_of_n_always_samples() -> None:
 
 
 def test_parse_ideas_tolerates_prose_and_skips_incomplete_blocks() -> None:
-    text = ("Sure! <idea><title> Warmup\n</title><description>Add warmup.</description></idea> and "
-            "<idea><title>No description</title></idea><IDEA><Title>B</Title><description>x</description></IDEA>")
+    text = (
+        "Sure! <idea><title> Warmup\n</title><description>Add warmup.</description></idea> and "
+        "<idea><title>No description</title></idea><IDEA><Title>B</Title><description>x</description></IDEA>"
+    )
     assert parse_ideas(text) == [("Warmup", "Add warmup."), ("B", "x")]

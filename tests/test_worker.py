@@ -47,7 +47,9 @@ def test_baseline_trial_is_ok_with_reward_from_the_frozen_evaluator(tmp_path: Pa
     result = result_of(trial_dir)
     assert result.status is Status.OK, result.reason
     assert result.reward == pytest.approx(1 / result.metrics["loss"])
-    assert result.metrics["evaluated_from"] == str(trial_dir / "evaluator"), "evaluator must run from a pristine copy"
+    assert result.metrics["evaluated_from"] == str(trial_dir / "evaluator"), (
+        "evaluator must run from a pristine copy"
+    )
     assert "trained" in result.log_tail
     assert result.provenance["packages"]["python"]
     assert [p.name for p in trial_dir.iterdir() if p.name.startswith(".")] == [], "no temp files left"
@@ -86,13 +88,21 @@ def test_scrubbed_environ_allows_what_training_needs() -> None:
     base = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "7", "LC_ALL": "C", "RANDOM_VAR": "1",
             **SECRETS}  # fmt: skip
     env = scrubbed_environ(base, {"HPCX_SEED": "0"})
-    assert env == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "7", "LC_ALL": "C", "HPCX_SEED": "0"}
+    assert env == {
+        "PATH": "/bin",
+        "CUDA_VISIBLE_DEVICES": "0,1",
+        "SLURM_JOB_ID": "7",
+        "LC_ALL": "C",
+        "HPCX_SEED": "0",
+    }
     with pytest.raises(ValueError, match="WANDB_API_KEY"):
         scrubbed_environ(base, {"WANDB_API_KEY": "x"})
 
 
 @pytest.mark.skipif(not pid_namespace_prefix("auto"), reason="unshare --pid is not permitted on this host")
-def test_trial_cannot_read_other_processes_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trial_cannot_read_other_processes_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even /proc/<pid>/environ of the driver is out of reach: the trial has its own PID namespace."""
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n")
@@ -105,14 +115,16 @@ def test_trial_cannot_read_other_processes_environment(tmp_path: Path, monkeypat
 
 def test_hard_limit_kills_a_group_that_ignores_sigterm(tmp_path: Path) -> None:
     script = tmp_path / "stubborn.py"
-    script.write_text(textwrap.dedent("""\
+    script.write_text(
+        textwrap.dedent("""\
         import os, signal, subprocess, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         open("child.pid", "w").write(str(child.pid))
         time.sleep(600)
-    """))
+    """)
+    )
     start = time.monotonic()
     done = run_in_group([sys.executable, str(script)], cwd=tmp_path, env=scrubbed_environ(os.environ),
                         log_path=tmp_path / "log", limit_s=2, grace_s=1)  # fmt: skip
@@ -141,8 +153,8 @@ def test_crash_result_carries_the_log_tail(tmp_path: Path) -> None:
         @@ -8,2 +8,3 @@
          import params
         +raise RuntimeError("boom from the idea")
-         
-    """)
+         x = 1
+    """).replace(" x = 1", " ")
     trial_dir = make_trial(tmp_path, diff)
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
@@ -157,8 +169,8 @@ def test_tampering_with_a_protected_file_at_run_time_is_invalid(tmp_path: Path) 
         @@ -8,2 +8,3 @@
          import params
         +open("evaluate.py", "a").write("\\n# tampered\\n")
-         
-    """)
+         x = 1
+    """).replace(" x = 1", " ")
     trial_dir = make_trial(tmp_path, diff)
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
@@ -167,7 +179,8 @@ def test_tampering_with_a_protected_file_at_run_time_is_invalid(tmp_path: Path) 
 
 
 def test_a_diff_to_a_protected_file_is_rejected_by_the_worker_too(tmp_path: Path) -> None:
-    diff = "--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1,1 +1,1 @@\n-\"\"\"Frozen evaluator of the toy environment: the loss is computed here, never trusted from training.\"\"\"\n+x = 1\n"
+    first_line = (Path(quick_env_config()["dir"]) / "baseline" / "evaluate.py").read_text().splitlines()[0]
+    diff = f"--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1,1 +1,1 @@\n-{first_line}\n+x = 1\n"
     trial_dir = make_trial(tmp_path, diff)
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
@@ -210,7 +223,9 @@ def test_worker_interrupted_leaves_no_result_and_no_processes(tmp_path: Path) ->
 def alive(pid: int) -> bool:
     """Running, not a zombie waiting for a parent to reap it (kill(pid, 0) says yes to those)."""
     try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:"))
+        state = next(
+            line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State:")
+        )
     except (OSError, StopIteration):
         return False
     return "Z" not in state.split()[1]

@@ -1,0 +1,418 @@
+"""The GRPO environment: an honest grader and evaluator, deterministic synthetic data, the CPU preset
+of the real training code through the protocol, and a catalog whose diffs apply as labelled."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import py_compile
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_DIR = REPO / "environments" / "grpo"
+BASELINE = ENV_DIR / "baseline"
+CONF = yaml.safe_load((REPO / "conf" / "env" / "grpo.yaml").read_text())["env"]
+CPU_CONF = yaml.safe_load((REPO / "conf" / "env" / "grpo_cpu.yaml").read_text())["env"]
+CATALOG = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
+EXPECTS = {"improves", "neutral", "worse", "crash", "timeout", "invalid", "tamper", "rejected", "apply_fail"}
+CATEGORIES = {"architecture", "optimizer", "schedule", "regularization", "data", "other"}
+
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="transformers is not installed: pip install -e '.[cpu]'",
+)
+
+
+def load_module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+grader = load_module("grpo_env_grader", BASELINE / "grader.py")
+
+
+def run_script(script: str, cwd: Path, env: dict[str, str], *args: str, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=cwd,
+        env={**os.environ, "HPCX_CPUS": "1", "HPCX_GPUS": "0", "HPCX_SEED": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---- grader --------------------------------------------------------------------------------------
+
+
+def r1(answer: str) -> str:
+    return f"some reasoning </think> <answer> {answer} </answer>"
+
+
+@pytest.mark.parametrize(
+    ("response", "truth"),
+    [
+        (r1("7"), "7"),
+        (r1("\\boxed{7}"), "7"),
+        ("x </think>\n<answer>\\boxed{\\dfrac{3}{4}}</answer>", "\\frac{3}{4}"),
+        (r1("\\frac12"), "\\frac{1}{2}"),
+        (r1("0.5"), "\\frac{1}{2}"),
+        (r1("$ 2 \\sqrt{3} $"), "\\sqrt{12}"),
+        (r1("x = 5"), "5"),
+        (r1("10,000"), "10000"),
+        (r1("90^\\circ"), "90"),
+        (r1("\\left( 1, -2 \\right)"), "(1,-2)"),
+        (r1("1 + 2x"), "2x+1"),
+        (r1("\\text{(B)}"), "(B)"),
+        (r1("\\frac{\\pi}{2}"), "\\pi/2"),
+    ],
+)
+def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) -> None:
+    assert grader.is_correct(response, truth)
+
+
+@pytest.mark.parametrize(
+    ("response", "truth"),
+    [
+        (r1("8"), "7"),
+        ("<answer>7</answer>", "7"),  # no </think>: unformatted
+        ("</think> 7", "7"),  # no answer block
+        ("</think> <answer>7", "7"),  # answer never closed
+        ("\\boxed{7}", "7"),  # a bare box is not the r1-zero format
+        (r1(""), "7"),
+        (r1("[1, 2)"), "(1,2)"),  # interval brackets differ
+        (r1("(1, 2, 3)"), "(1,2)"),
+        (r1("8") + " <answer>7</answer>", "7"),  # only the first answer block counts
+    ],
+)
+def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) -> None:
+    assert not grader.is_correct(response, truth)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    ['__import__("os").system("true")', "(((9^64)^64)^64)^64", "9^9^9^9", "x" * 5000, "1/0"],
+)
+def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
+    start = time.monotonic()
+    assert not grader.is_correct(r1(payload), "1")
+    assert time.monotonic() - start < 3
+
+
+def test_normalize_answer() -> None:
+    assert grader.normalize_answer("\\boxed{ \\dfrac{1}{2} }") == "\\frac{1}{2}"
+    assert grader.normalize_answer("$\\frac34$.") == "\\frac{3}{4}"
+    assert grader.normalize_answer("50\\%") == "50"
+    assert grader.extract_answer("a </think>  <answer> \\boxed{42} </answer> tail") == "42"
+    assert grader.extract_answer("<think> no answer") is None
+
+
+# ---- evaluator -----------------------------------------------------------------------------------
+
+
+TRUTHS = ["0", "1", "2", "3", "\\frac{1}{2}"]
+
+
+@pytest.fixture
+def answers_dir(tmp_path: Path) -> Path:
+    """A five-problem test set for the evaluator tests."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"problem": f"p{i}", "answer": answer} for i, answer in enumerate(TRUTHS)]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def write_eval(out: Path, step: int, rows: list[dict] | str) -> None:
+    text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
+    (out / f"eval_step_{step}.jsonl").write_text(text)
+
+
+def evaluate(out: Path, data: Path, tmp_path: Path) -> tuple[int, dict, str]:
+    """Run the evaluator the way the worker does: from a pristine copy of baseline/."""
+    evaluator = tmp_path / "evaluator"
+    if not evaluator.exists():
+        shutil.copytree(BASELINE, evaluator)
+    metrics_path = tmp_path / "metrics.json"
+    env = {"HPCX_DATA_DIR": str(data), "HPCX_OUTPUT_DIR": str(out), "HPCX_METRICS_PATH": str(metrics_path)}
+    result = run_script("evaluate.py", evaluator, env)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return result.returncode, metrics, result.stderr
+
+
+def test_evaluator_grades_every_step(answers_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    write_eval(out, 2, [{"index": i, "output": r1(str(i) if i < 2 else "wrong")} for i in range(5)])
+    write_eval(out, 4, [{"index": i, "output": r1("0.5" if i == 4 else str(i))} for i in reversed(range(5))])
+    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
+    assert rc == 0, stderr
+    assert metrics["accuracy_by_step"] == {"2": 0.4, "4": 1.0}
+    assert (
+        metrics["best_eval_accuracy"] == 1.0 and metrics["eval_steps"] == 2 and metrics["invalid_steps"] == {}
+    )
+
+
+def test_evaluator_rejects_malformed_eval_files(answers_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    full = [{"index": i, "output": r1(truth)} for i, truth in enumerate(TRUTHS)]
+    write_eval(out, 2, full[:4])  # a problem missing
+    write_eval(out, 4, [*full, full[0]])  # a problem twice
+    write_eval(out, 6, [*full, {"index": 5, "output": r1("5")}])  # not a test problem
+    write_eval(out, 8, "".join(json.dumps(r) + "\n" for r in full) + "{not json\n")
+    write_eval(out, 10, [{"index": str(i), "output": r1(str(i))} for i in range(5)])
+    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
+    assert rc != 0 and metrics == {}
+    assert "no valid eval file" in stderr
+    # One well-formed step is graded; the malformed ones stay listed as invalid, never scored.
+    write_eval(out, 12, [{"index": i, "output": r1(t if i else "x")} for i, t in enumerate(TRUTHS)])
+    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
+    assert rc == 0, stderr
+    assert metrics["accuracy_by_step"] == {"12": 0.8} and metrics["eval_steps"] == 1
+    assert set(metrics["invalid_steps"]) == {f"eval_step_{k}.jsonl" for k in (2, 4, 6, 8, 10)}
+
+
+def test_evaluator_refuses_missing_or_excess_eval_files(answers_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
+    assert rc != 0 and metrics == {} and "no eval_step_*.jsonl files" in stderr
+    # Extra evaluations would buy reward from sampling noise (the reward is a maximum).
+    for step in range(12):
+        write_eval(out, step, [{"index": i, "output": r1(str(i))} for i in range(5)])
+    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
+    assert rc != 0 and metrics == {} and "12 eval files" in stderr
+
+
+# ---- data and the tiny model ----------------------------------------------------------------------
+
+
+def test_synthetic_data_is_deterministic(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        result = run_script(
+            "prepare_data.py", BASELINE, {"HPCX_DATA_DIR": str(tmp_path / name)}, "--synthetic"
+        )
+        assert result.returncode == 0, result.stderr
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
+    train = (tmp_path / "a" / "train.jsonl").read_text().splitlines()
+    assert len(test) == 32 and len(train) == 256
+    assert all(set(row) == {"problem", "answer"} for row in test)
+    assert any("\\frac" in row["answer"] for row in test)  # the grader's LaTeX path is exercised
+
+
+@pytest.fixture(scope="module")
+def cpu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed: pip install -e '.[cpu]'")
+    out = tmp_path_factory.mktemp("grpo_data")
+    args = CPU_CONF["prepare_command"][2:]
+    result = run_script("prepare_data.py", BASELINE, {"HPCX_DATA_DIR": str(out)}, *args)
+    assert result.returncode == 0, result.stderr
+    assert all((out / path).exists() for path in CPU_CONF["requires"])
+    return out
+
+
+@pytest.fixture
+def grpo_modules(monkeypatch: pytest.MonkeyPatch):
+    """The baseline's training modules imported in-process (they import each other by name)."""
+    monkeypatch.syspath_prepend(str(BASELINE))
+    names = ("grader", "grpo_loss", "reward", "rollout", "grpo")
+    yield importlib.import_module("grpo")
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+@needs_transformers
+def test_tiny_tokenizer_round_trips_the_r1_format(cpu_data: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cpu_data / "tiny_model")
+    text = "What is $3 + 4$?\nAssistant: <think> 3+4=7 </think> <answer> \\frac{7}{1} </answer>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_group_advantages_and_clipping() -> None:
+    import torch
+
+    loss = load_module("grpo_env_loss", BASELINE / "grpo_loss.py")
+    adv = loss.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group_size=4)
+    assert adv[:4].sum().abs() < 1e-6 and adv[0] > 0 > adv[1]
+    assert adv[:4].std().item() == pytest.approx(1.0, rel=1e-4)
+    assert torch.equal(adv[4:], torch.zeros(4))  # a group that all succeeded carries no signal
+    centred = loss.group_advantages(torch.tensor([1.0, 0.0]), group_size=2, normalize_std=False)
+    assert centred.tolist() == [0.5, -0.5]
+    # A ratio beyond 1 + clip with a positive advantage: the clipped term wins, no gradient flows.
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -1.0]])
+    loss.per_token_loss(logp, old, torch.tensor([1.0]), "grpo_clip", 0.2).sum().backward()
+    assert logp.grad.tolist() == [[0.0, -1.0]]
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    per_seq = loss.sequence_loss(torch.tensor([[1.0, 3.0, 100.0], [4.0, 100.0, 100.0]]), mask)
+    assert per_seq.item() == pytest.approx(3.0)  # mean of the per-response means 2 and 4
+
+
+@needs_transformers
+@pytest.mark.parametrize("loss_type", ["grpo_clip", "reinforce"])
+def test_training_moves_probability_towards_rewarded_responses(
+    grpo_modules, cpu_data: Path, loss_type: str
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    grpo = grpo_modules
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(cpu_data / "tiny_model")
+    policy = AutoModelForCausalLM.from_pretrained(cpu_data / "tiny_model")
+    cfg = grpo.Config(lr=1e-2, train_batch_size=2, micro_batch_size=1, loss_type=loss_type)
+    prompts = ["User: What is 3 + 4?\nAssistant: <think>"] * 2
+    responses = [" 3+4=7 </think> <answer> 7 </answer>", " no idea"]
+    batch = grpo.tokenize_rollouts(tokenizer, prompts, responses)
+    assert batch[2].sum(dim=1).tolist() == [
+        len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses
+    ]
+
+    def response_logp() -> torch.Tensor:
+        with torch.no_grad():
+            return (grpo.response_logprobs(policy, batch[0], batch[1]) * batch[2]).sum(dim=1)
+
+    before = response_logp()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
+    for _ in range(3):
+        stats = grpo.train_on_rollouts(
+            policy, optimizer, batch, torch.tensor([1.0, -1.0]), cfg, torch.device("cpu")
+        )
+    after = response_logp()
+    assert stats["grad_norm"] > 0
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+def run_cpu_trial(data: Path, tmp_path: Path, budget_s: float) -> tuple[subprocess.CompletedProcess, Path]:
+    workspace = tmp_path / "workspace"
+    shutil.copytree(BASELINE, workspace)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
+        "HPCX_DATA_DIR": str(data),
+        "HPCX_OUTPUT_DIR": str(out),
+        "HPCX_TIME_BUDGET_S": str(budget_s),
+        **CPU_CONF["extra_env"],
+    }
+    result = run_script(CPU_CONF["run_command"][1], workspace, env, timeout=CPU_CONF["hard_limit_s"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, out
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_cpu_preset_trains_and_evaluates_through_the_protocol(cpu_data: Path, tmp_path: Path) -> None:
+    start = time.monotonic()
+    result, out = run_cpu_trial(cpu_data, tmp_path, CPU_CONF["budget_s"])
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    assert events[0]["backend"] == "hf" and events[-1]["event"] == "done"
+    assert sorted(p.name for p in out.iterdir()) == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
+    rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
+    assert rc == 0, stderr
+    assert metrics["eval_steps"] == 2 and metrics["n_problems"] == 32 and metrics["invalid_steps"] == {}
+    assert (
+        CPU_CONF["reward"]["metric_min"] <= metrics["best_eval_accuracy"] <= CPU_CONF["reward"]["metric_max"]
+    )
+    assert time.monotonic() - start < CPU_CONF["hard_limit_s"]
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_out_of_budget_training_still_writes_an_evaluation(cpu_data: Path, tmp_path: Path) -> None:
+    result, out = run_cpu_trial(cpu_data, tmp_path, budget_s=0)
+    assert '"event": "budget_stop"' in result.stdout
+    assert [p.name for p in out.iterdir()] == ["eval_step_0.jsonl"]
+    rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
+    assert rc == 0 and metrics["eval_steps"] == 1, stderr
+
+
+# ---- configs and the catalog ---------------------------------------------------------------------
+
+
+def test_configs_name_real_files() -> None:
+    for conf in (CONF, CPU_CONF):
+        for name in conf["editable"] + conf["protected"]:
+            assert (BASELINE / name).is_file(), name
+        assert not set(conf["editable"]) & set(conf["protected"])
+        assert set(conf["hidden_from_implementer"]) <= set(conf["protected"])
+        assert (BASELINE / conf["run_command"][1]).is_file() and (
+            BASELINE / conf["eval_command"][1]
+        ).is_file()
+
+
+def fill_params(diff: str, entry: dict) -> str:
+    for name, values in (entry.get("params") or {}).items():
+        diff = diff.replace(f"<<{name}>>", str(values[0]))
+    return diff
+
+
+def git_apply(diff: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`git apply` in a copy of baseline/ outside any repository: inside one, git resolves paths
+    against the repository root and silently skips the baseline's files."""
+    workspace = tmp_path / "workspace"
+    if not workspace.exists():
+        shutil.copytree(BASELINE, workspace)
+    patch = tmp_path / "patch.diff"
+    patch.write_text(diff)
+    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
+    return subprocess.run(
+        ["git", "apply", *flags, str(patch)], cwd=workspace, env=env, capture_output=True, text=True
+    )
+
+
+def diff_paths(diff: str) -> list[str]:
+    return [
+        line.split(maxsplit=1)[1].split("/", 1)[1]
+        for line in diff.splitlines()
+        if line.startswith(("--- ", "+++ "))
+    ]
+
+
+def test_catalog_shape() -> None:
+    ids = [entry["id"] for entry in CATALOG]
+    assert len(ids) == len(set(ids)) and 6 <= len(ids) <= 10
+    for entry in CATALOG:
+        assert {"id", "title", "description", "category", "diff", "expect"} <= set(entry), entry["id"]
+        assert entry["expect"] in EXPECTS and entry["category"] in CATEGORIES, entry["id"]
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", entry["id"])
+        declared = set(entry.get("params") or {})
+        assert set(re.findall(r"<<(\w+)>>", entry["diff"])) == declared, entry["id"]
+    expects = {entry["expect"] for entry in CATALOG}
+    assert {"improves", "rejected", "invalid"} <= expects
+    assert any(entry.get("miscounted_header") for entry in CATALOG)
+
+
+@pytest.mark.parametrize("entry", CATALOG, ids=[entry["id"] for entry in CATALOG])
+def test_catalog_diff_applies_as_expected(entry: dict, tmp_path: Path) -> None:
+    diff = fill_params(entry["diff"], entry)
+    paths = diff_paths(diff)
+    if entry["expect"] == "rejected":
+        assert any(path in CONF["protected"] or ".." in Path(path).parts for path in paths), paths
+        return
+    assert all(path in CONF["editable"] for path in paths), paths
+    if entry.get("miscounted_header"):
+        # Really miscounted: only recounting the hunk lines makes it apply.
+        assert git_apply(diff, tmp_path, "--check").returncode != 0
+    result = git_apply(diff, tmp_path, "--recount")
+    assert result.returncode == 0, result.stderr
+    for path in set(paths):
+        py_compile.compile(str(tmp_path / "workspace" / path), doraise=True)

@@ -1,0 +1,361 @@
+"""The nanoGPT environment: synthetic data, the KV-cache evaluator, the CPU preset end to end, the catalog."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_DIR = REPO / "environments" / "nanogpt"
+BASELINE = ENV_DIR / "baseline"
+CPU_CONF = yaml.safe_load((REPO / "conf" / "env" / "nanogpt_cpu.yaml").read_text())["env"]
+PAPER_CONF = yaml.safe_load((REPO / "conf" / "env" / "nanogpt.yaml").read_text())["env"]
+TINY = {"vocab_size": 512, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
+
+
+def load(name: str) -> ModuleType:
+    """Import one baseline file as a module (train_gpt/evaluate import `model` by name)."""
+    if str(BASELINE) not in sys.path:
+        sys.path.insert(0, str(BASELINE))
+    spec = importlib.util.spec_from_file_location(name, BASELINE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+prepare_data = load("prepare_data")
+model_mod = load("model")
+evaluate = load("evaluate")
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    subprocess.run(
+        [sys.executable, "prepare_data.py", "--synthetic", "--out", str(out)], cwd=BASELINE, check=True
+    )
+    return out
+
+
+def protocol_env(data: Path, out: Path, budget_s: float, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HPCX_", "NANOGPT_"))}
+    env.update(
+        HPCX_DATA_DIR=str(data),
+        HPCX_OUTPUT_DIR=str(out),
+        HPCX_TIME_BUDGET_S=str(budget_s),
+        HPCX_SEED="0",
+        HPCX_CPUS="1",
+        HPCX_GPUS="0",
+        OMP_NUM_THREADS="1",
+        **CPU_CONF["extra_env"],
+        **extra,
+    )
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_synthetic_shards_are_deterministic_and_well_formed(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        prepare_data.prepare_synthetic(
+            tmp_path / name, train_shards=2, shard_tokens=3000, val_tokens=2000, seed=7
+        )
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == [
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+        "fineweb_val_000000.bin",
+        "synthetic_meta.json",
+    ]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    train1 = (tmp_path / "a" / "fineweb_train_000001.bin").read_bytes()
+    header = np.frombuffer(train1[:1024], dtype=np.int32)
+    assert (header[0], header[1], header[2]) == (20240520, 1, 3000)
+    assert not header[3:].any()
+    tokens = np.frombuffer(train1[1024:], dtype=np.uint16)
+    assert len(tokens) == 3000 and tokens.max() < 512
+    # Train shards are different streams of the same grammar, not copies.
+    assert train1 != (tmp_path / "a" / "fineweb_train_000002.bin").read_bytes()
+    meta = json.loads((tmp_path / "a" / "synthetic_meta.json").read_text())
+    assert 0.5 < meta["val_entropy_nats"] < math.log(512)
+
+
+def test_fineweb_path_writes_val_then_train_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real path with stand-ins for `datasets` and `tiktoken` (no network here)."""
+
+    class Encoding:
+        def encode_ordinary(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+    rows = [{"text": "ab" * (i + 1)} for i in range(40)]  # documents of 2, 4, 6, ... characters
+    fake_datasets = ModuleType("datasets")
+    fake_datasets.load_dataset = lambda *args, **kwargs: iter(rows)
+    fake_tiktoken = ModuleType("tiktoken")
+    fake_tiktoken.get_encoding = lambda name: Encoding()
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets)
+    monkeypatch.setitem(sys.modules, "tiktoken", fake_tiktoken)
+    monkeypatch.setattr(prepare_data, "_encoder", None)
+
+    prepare_data.prepare_fineweb(
+        tmp_path, train_shards=2, shard_tokens=50, dataset="d", subset="s", workers=1
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fineweb_train_000001.bin",
+        "fineweb_train_000002.bin",
+        "fineweb_val_000000.bin",
+    ]
+    expected = np.concatenate([[50256, *[ord(c) for c in row["text"]]] for row in rows])
+    stream = []
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"):
+        raw = (tmp_path / name).read_bytes()
+        assert tuple(np.frombuffer(raw[:12], dtype=np.int32)) == (20240520, 1, 50)
+        stream.append(np.frombuffer(raw[1024:], dtype=np.uint16))
+    assert (np.concatenate(stream) == expected[:150]).all()  # every document starts with <|endoftext|>
+
+
+def test_configs_require_what_prepare_data_writes(synthetic_data: Path) -> None:
+    for conf in (CPU_CONF, PAPER_CONF):
+        for name in conf["requires"]:
+            assert (synthetic_data / name).is_file(), name
+    # The CPU preset's hack floor must sit below the loss no honest model can beat.
+    floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
+    assert CPU_CONF["reward"]["metric_min"] < floor
+
+
+def test_shard_reader_of_training_and_evaluator_agree(synthetic_data: Path) -> None:
+    train_gpt = load("train_gpt")
+    from_train = np.asarray(train_gpt.read_shard(str(synthetic_data / "fineweb_val_000000.bin")))[:500]
+    from_eval = evaluate.load_val_tokens(synthetic_data, 500).numpy()
+    assert (from_train == from_eval).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluator
+
+
+def test_kv_cache_loss_matches_full_causal_forward() -> None:
+    torch.manual_seed(0)
+    model = model_mod.build_model(TINY).eval()
+    x = torch.randint(0, 512, (6, 32))
+    y = torch.randint(0, 512, (6, 32))
+    loss_sum, count = evaluate.kv_cache_loss(model, x, y, batch=4, device=torch.device("cpu"))
+    with torch.no_grad():
+        full = model(x, y).item()
+        cache = model.new_kv_cache(6, 32, "cpu", torch.float32)
+        step_logits = torch.stack([model.decode_step(x[:, t], cache) for t in range(32)], dim=1)
+        torch.testing.assert_close(step_logits, model(x), rtol=1e-4, atol=1e-4)
+    assert count == 6 * 32
+    assert loss_sum / count == pytest.approx(full, rel=1e-5)
+
+
+class PeekingModel(torch.nn.Module):
+    """A reward hack: the full-sequence forward reads the next token from its input."""
+
+    vocab = 512
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        nxt = torch.roll(idx, -1, dims=1)
+        return 30.0 * F.one_hot(nxt, self.vocab).float()
+
+    def new_kv_cache(self, batch_size: int, max_len: int, device: str, dtype: torch.dtype) -> list:
+        return []
+
+    def decode_step(self, tokens: torch.Tensor, cache: list) -> torch.Tensor:
+        # Token by token there is no next token to read: the same trick predicts the current one.
+        return 30.0 * F.one_hot(tokens, self.vocab).float()
+
+
+def test_future_leak_cannot_lower_the_kv_cache_loss(synthetic_data: Path) -> None:
+    floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
+    tokens = evaluate.load_val_tokens(synthetic_data, 64 * 32 + 1)
+    x, y = tokens[:-1].view(-1, 64), tokens[1:].view(-1, 64)
+    cheat = PeekingModel()
+    with torch.no_grad():
+        # (the last position of a window has no next token in it to read)
+        full_forward = F.cross_entropy(cheat(x)[:, :-1].reshape(-1, 512), y[:, :-1].reshape(-1)).item()
+    assert full_forward < 0.1 < floor  # a whole-sequence evaluator would report an impossible loss
+    loss_sum, count = evaluate.kv_cache_loss(cheat, x, y, batch=16, device=torch.device("cpu"))
+    assert loss_sum / count > floor  # the KV-cache evaluator does not
+
+    probe = evaluate.causality_probe(cheat, tokens[:256].view(4, 64), torch.device("cpu"))
+    assert probe["future_leak"] is True and "not causal" in probe["invalid_reason"]
+    honest_model = model_mod.build_model(TINY).eval()
+    honest = evaluate.causality_probe(honest_model, tokens[:128].view(4, 32), torch.device("cpu"))
+    assert honest["future_leak"] is False and "invalid_reason" not in honest
+
+
+def test_evaluator_refuses_a_model_without_kv_cache(tmp_path: Path, synthetic_data: Path) -> None:
+    workspace, out = tmp_path / "ws", tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(BASELINE, workspace)
+    source = (workspace / "model.py").read_text()
+    (workspace / "model.py").write_text(source.replace("def decode_step(", "def _decode_step("))
+    config = {**TINY, "block_size": 64}
+    ckpt = {"model_config": config, "state_dict": model_mod.build_model(config).state_dict()}
+    torch.save(ckpt, out / "ckpt.pt")
+    env = protocol_env(
+        synthetic_data, out, 20, HPCX_WORKSPACE=str(workspace), HPCX_METRICS_PATH=str(tmp_path / "m.json")
+    )
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py"], cwd=BASELINE, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "no decode_step()" in proc.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# catalog
+
+
+def fill_params(diff: str, params: dict) -> str:
+    for key, values in params.items():
+        diff = diff.replace(f"<<{key}>>", str(values[0]))
+    assert "<<" not in diff, "unfilled placeholder"
+    return diff
+
+
+def git_apply_check(diff: str, workdir: Path, recount: bool = True) -> bool:
+    """Outside any git repository (tmp_path), so `git apply` cannot silently skip paths."""
+    args = ["git", "apply", "--check", *(["--recount"] if recount else []), "-"]
+    return subprocess.run(args, cwd=workdir, input=diff, text=True, capture_output=True).returncode == 0
+
+
+def touched_files(diff: str) -> set[str]:
+    return {line[6:].strip() for line in diff.splitlines() if line.startswith("+++ b/")}
+
+
+CATALOG = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
+
+
+def test_catalog_entries_are_well_formed() -> None:
+    ids = [entry["id"] for entry in CATALOG]
+    assert 6 <= len(ids) <= 10 and len(set(ids)) == len(ids)
+    categories = {"architecture", "optimizer", "schedule", "regularization", "data", "other"}
+    expects = {
+        "improves",
+        "neutral",
+        "worse",
+        "crash",
+        "timeout",
+        "invalid",
+        "tamper",
+        "rejected",
+        "apply_fail",
+    }
+    for entry in CATALOG:
+        assert entry["category"] in categories and entry["expect"] in expects, entry["id"]
+        assert entry["title"] and entry["description"], entry["id"]
+    present = {entry["expect"] for entry in CATALOG}
+    assert {"invalid", "rejected", "apply_fail"} <= present
+    assert any(entry.get("miscounted_header") for entry in CATALOG)
+
+
+@pytest.mark.parametrize("entry", CATALOG, ids=lambda e: e["id"])
+def test_catalog_diff_applies_as_expected(entry: dict, tmp_path: Path) -> None:
+    workdir = tmp_path / "baseline"
+    shutil.copytree(BASELINE, workdir)
+    diff = fill_params(entry["diff"], entry.get("params", {}))
+    touched = touched_files(diff)
+    if entry["expect"] == "rejected":
+        assert touched & set(CPU_CONF["protected"]), "a rejected entry must edit a protected file"
+        return
+    assert touched <= set(CPU_CONF["editable"]), touched
+    if entry["expect"] == "apply_fail":
+        assert not git_apply_check(diff, workdir)
+        assert git_apply_check(fill_params(entry["revised_diff"], entry.get("params", {})), workdir)
+        return
+    assert git_apply_check(diff, workdir)
+    # The miscounted ones really are: they apply only after the hunk headers are recounted.
+    assert git_apply_check(diff, workdir, recount=False) is not bool(entry.get("miscounted_header"))
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on the CPU preset (slow)
+
+
+def train_and_evaluate(workspace: Path, data: Path, tmp_path: Path, budget_s: float) -> tuple[dict, str]:
+    out = tmp_path / "out"
+    out.mkdir()
+    env = protocol_env(data, out, budget_s)
+    train = subprocess.run(
+        [sys.executable, "train_gpt.py"], cwd=workspace, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert train.returncode == 0, train.stdout + train.stderr
+    metrics_path = tmp_path / "metrics.json"
+    env.update(HPCX_WORKSPACE=str(workspace), HPCX_METRICS_PATH=str(metrics_path))
+    ev = subprocess.run(
+        [sys.executable, "evaluate.py"], cwd=BASELINE, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    return json.loads(metrics_path.read_text()), train.stdout
+
+
+@pytest.mark.slow
+def test_cpu_preset_trains_and_evaluates(tmp_path: Path, synthetic_data: Path) -> None:
+    budget = float(CPU_CONF["budget_s"])
+    metrics, log = train_and_evaluate(BASELINE, synthetic_data, tmp_path, budget)
+    assert "saved" in log
+    assert metrics["val_tokens"] == evaluate.PRESETS["cpu"].val_tokens
+    assert math.isfinite(metrics["val_loss"])
+    # It learned: better than uniform over the 512 ids, and no better than the data allows.
+    floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
+    assert floor < metrics["val_loss"] < math.log(512)
+    assert metrics["future_leak"] is False
+
+
+@pytest.mark.slow
+def test_catalog_future_leak_is_caught_end_to_end(tmp_path: Path, synthetic_data: Path) -> None:
+    entry = next(e for e in CATALOG if e["id"] == "bidirectional_attention")
+    workspace = tmp_path / "ws"
+    shutil.copytree(BASELINE, workspace)
+    subprocess.run(
+        ["git", "apply", "--recount", "-"], cwd=workspace, input=entry["diff"], text=True, check=True
+    )
+    metrics, log = train_and_evaluate(workspace, synthetic_data, tmp_path, 12)
+    floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
+    last_train_loss = float(log.split("train_loss ")[-1].split()[0])
+    assert last_train_loss < floor  # training exploited the leak...
+    assert metrics["val_loss"] > floor + 1.0  # ...and the token-by-token evaluation does not reward it
+    assert metrics["future_leak"] is True
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stop_together_and_evaluate_the_same(tmp_path: Path, synthetic_data: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    env = protocol_env(synthetic_data, out, 8)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train = subprocess.run(
+        [*torchrun, "train_gpt.py"], cwd=BASELINE, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "world_size 2, grad accumulation 1" in train.stdout
+    assert (out / "ckpt.pt").is_file()
+
+    losses = []
+    for n_proc, name in ((1, "single.json"), (2, "pair.json")):
+        env.update(HPCX_WORKSPACE=str(BASELINE), HPCX_METRICS_PATH=str(tmp_path / name))
+        command = [*torchrun[:-1], f"--nproc_per_node={n_proc}", "evaluate.py"]
+        ev = subprocess.run(command, cwd=BASELINE, env=env, capture_output=True, text=True, timeout=120)
+        assert ev.returncode == 0, ev.stdout + ev.stderr
+        losses.append(json.loads((tmp_path / name).read_text())["val_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
