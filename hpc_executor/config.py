@@ -98,6 +98,8 @@ class SchedulerConfig:
     max_parallel: int = 0  # trials at once; 0 = as many as the resources allow
     poll_interval_s: float = 1.0  # first poll interval; backs off while nothing changes
     poll_interval_max_s: float = 10.0
+    result_grace_s: float = 15.0  # a job that ended gets this long for its result file to appear
+    vanished_grace_s: float = 120.0  # a job the scheduler has no record of is resubmitted after this
     # Slurm only (ignored by local):
     partition: str | None = None
     account: str | None = None
@@ -107,6 +109,8 @@ class SchedulerConfig:
     cpus_per_gpu: int | None = None
     mem_gb_per_gpu: int | None = None
     time_margin_min: int = 10  # added to the environment's hard limit for Slurm's --time
+    time_limit_min: int | None = None  # Slurm's --time outright (default: hard limit + eval limit + margin)
+    job_name: str = "hpcx"
     setup: list[str] = field(default_factory=list)  # lines run before the worker (module load ...)
     max_array_parallel: int = 0  # %P in --array=0-N%P; 0 = no cap
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch flags
@@ -124,6 +128,7 @@ class SearchConfig:
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
+    dry_run: bool = False  # print the sbatch script an epoch's trials would be submitted with, then stop
 
 
 def register_configs() -> None:

@@ -29,3 +29,7 @@ class PatchFailed(HpcExecutorError):
 
 class LedgerError(HpcExecutorError):
     """The run directory or its ledger is missing or unreadable."""
+
+
+class RunCancelled(HpcExecutorError):
+    """The run was cancelled (hpc_executor.cancel, or Ctrl-C in another driver)."""

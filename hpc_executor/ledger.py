@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS patches (
     attempts INTEGER, llm_call_ids TEXT, created_at REAL);
 CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY, idea_id TEXT NOT NULL, epoch INTEGER NOT NULL, trial_dir TEXT,
-    state TEXT NOT NULL, job_id TEXT, array_index INTEGER, node TEXT, gpus TEXT,
+    state TEXT NOT NULL, job_id TEXT, array_index INTEGER, job_state TEXT, node TEXT, gpus TEXT,
     submissions INTEGER NOT NULL DEFAULT 0, note TEXT, created_at REAL, updated_at REAL);
 CREATE INDEX IF NOT EXISTS trials_open ON trials (state) WHERE state IN ('pending', 'queued', 'running');
 CREATE INDEX IF NOT EXISTS trials_epoch ON trials (epoch);
@@ -170,7 +170,7 @@ class Ledger:
     # -- ingestion ----------------------------------------------------------------------------
     def open_trials(self) -> list[sqlite3.Row]:
         return self.db.execute(
-            "SELECT trial_id, idea_id, epoch, trial_dir, state, job_id, array_index, submissions"
+            "SELECT trial_id, idea_id, epoch, trial_dir, state, job_id, array_index, job_state, submissions"
             " FROM trials WHERE state IN ('pending', 'queued', 'running')"
         ).fetchall()
 

@@ -12,6 +12,7 @@ import enum
 import logging
 import math
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig
 
-from hpc_executor.errors import ConfigError
+from hpc_executor.errors import ConfigError, HpcExecutorError
 from hpc_executor.worker import run_trial
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,10 @@ class JobState(str, enum.Enum):
         return self not in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN)
 
 
+class SchedulerQueryError(HpcExecutorError):
+    """The scheduler could not be asked (sacct failed, say); the driver tries again at the next poll."""
+
+
 class Scheduler(abc.ABC):
     def __init__(self, cfg: DictConfig, folder: Path) -> None:
         self.cfg = cfg
@@ -69,7 +74,7 @@ class Scheduler(abc.ABC):
 
     @abc.abstractmethod
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        """Current state of each job, in one query."""
+        """Current state of each job, in one query; raises SchedulerQueryError when it cannot ask."""
 
     @abc.abstractmethod
     def cancel(self, job_ids: list[str]) -> None: ...
@@ -108,14 +113,14 @@ class LocalScheduler(Scheduler):
             info = job.state
             if info == "RUNNING":
                 return JobState.RUNNING
-            return JobState.COMPLETED if info == "FINISHED" else JobState.CANCELLED
+            return JobState.COMPLETED if info == "FINISHED" else JobState.FAILED
         # a job started by an earlier driver: alive while its controller process is
         return JobState.RUNNING if _is_submitit_process(int(job_id)) else JobState.UNKNOWN
 
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
             try:
-                os.kill(int(job_id), 2)  # SIGINT: submitit's controller forwards it to the task
+                os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
             except (ProcessLookupError, ValueError):
                 continue
 

@@ -9,6 +9,7 @@ command again continues where a killed driver stopped: nothing is asked, impleme
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -23,9 +24,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
 from hpc_executor.environment import REPO_ROOT, Environment
-from hpc_executor.errors import HpcExecutorError, PreflightError
+from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
 from hpc_executor.ideator import Ideator
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
@@ -33,7 +35,7 @@ from hpc_executor.llm import make_llm, spec_from_config
 from hpc_executor.llm.credentials import required_env_vars
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
-from hpc_executor.scheduler import JobState, Shape, make_scheduler
+from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.strategies import make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
@@ -42,7 +44,6 @@ log = logging.getLogger("hpc_executor.search")
 
 CONF_DIR = REPO_ROOT / "conf"
 IDEATION_ATTEMPTS = 3  # calls per group of empty slots before the epoch goes on without them
-RESULT_GRACE_S = 15.0  # a finished job's result file may reach a shared filesystem late
 MAX_SUBMISSIONS = 2  # a trial whose job vanished or was preempted runs again, once
 BASELINE_ID = "baseline"
 
@@ -56,6 +57,7 @@ class Search:
         self.env.prepare()
         self.ledger = Ledger(run_dir, create=True)
         self._check_same_run()
+        self.ledger.db.execute("DELETE FROM meta WHERE key = ?", (CANCELLED_META,))  # running again resumes
         self.ideator_llm = make_llm(spec_from_config(cfg.model.ideator))
         self.implementer_llm = make_llm(spec_from_config(cfg.model.implementer))
         # The clients hold their keys now; nothing this process starts may inherit them.
@@ -66,11 +68,9 @@ class Search:
                                cfg.model.ideator.thinking_budget_search)  # fmt: skip
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples,
                                        cfg.model.revisions, cfg.model.implementer.thinking_budget)  # fmt: skip
-        res = cfg.env.resources
-        self.shape = Shape(res.gpus, res.cpus, res.mem_gb,
-                           cfg.env.hard_limit_s + cfg.env.eval_limit_s + 60)  # fmt: skip
+        self.shape = trial_shape(cfg)
         self.progress = Progress(cfg.strategy.epochs, self.baseline_reward())
-        self._finished_without_result: dict[str, float] = {}
+        self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
 
     # -- set-up --------------------------------------------------------------------------------
     def _check_same_run(self) -> None:
@@ -207,6 +207,10 @@ class Search:
         while nothing changes."""
         interval = self.cfg.scheduler.poll_interval_s
         while True:
+            if self.ledger.get_meta(CANCELLED_META):
+                raise RunCancelled(
+                    f"run {self.run_dir} was cancelled: {self.ledger.get_meta(CANCELLED_META)}"
+                )
             changed = self.ledger.poll()
             open_trials = self.ledger.open_trials()
             changed += self._check_jobs([t for t in open_trials if t["state"] != "pending"])
@@ -235,29 +239,50 @@ class Search:
         return len(batch)
 
     def _check_jobs(self, trials: list[Any]) -> int:
-        """Move started trials to running; settle trials whose job ended without a result."""
+        """Follow the jobs of submitted trials (one scheduler query): record their state, node and
+        GPUs, and settle trials whose job ended, or vanished, without writing a result."""
         if not trials:
             return 0
-        states = self.scheduler.states([t["job_id"] for t in trials])
+        try:
+            states = self.scheduler.states([t["job_id"] for t in trials])
+        except SchedulerQueryError as exc:
+            log.warning("%s; polling goes on", exc)
+            return 0
+        sched = self.cfg.scheduler
         changed = 0
         now = time.monotonic()
         for t in trials:
-            tdir = Path(t["trial_dir"])
-            if t["state"] == "queued" and (tdir / STARTED_FILE).exists():
-                self.ledger.set_trial_state(t["trial_id"], "running")
-                changed += 1
+            tid, tdir = t["trial_id"], Path(t["trial_dir"])
             state = states.get(t["job_id"], JobState.UNKNOWN)
-            if not state.finished and state is not JobState.UNKNOWN:
-                continue
-            if (tdir / RESULT_FILE).exists():
-                continue  # the next poll ingests it
-            first_seen = self._finished_without_result.setdefault(t["trial_id"], now)
-            if now - first_seen < RESULT_GRACE_S:
-                continue
-            del self._finished_without_result[t["trial_id"]]
-            changed += 1
-            self._settle(t, state)
+            changed += self._follow(t, state)
+            if not state.finished and state is not JobState.UNKNOWN or (tdir / RESULT_FILE).exists():
+                self._waiting_since.pop(tid, None)
+                continue  # alive, or done and the next poll ingests its result
+            grace = sched.vanished_grace_s if state is JobState.UNKNOWN else sched.result_grace_s
+            if now - self._waiting_since.setdefault(tid, now) >= grace:
+                del self._waiting_since[tid]
+                self._settle(t, state)
+                changed += 1
         return changed
+
+    def _follow(self, trial: Any, state: JobState) -> int:
+        """Keep the trial's state, job state, node and GPUs in the ledger current."""
+        fields: dict[str, Any] = {}
+        new_state = trial["state"]
+        started = Path(trial["trial_dir"]) / STARTED_FILE
+        if trial["state"] == "queued" and state is not JobState.PENDING and started.exists():
+            where = json.loads(started.read_text())
+            new_state = "running"
+            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices")}
+        elif trial["state"] == "running" and state is JobState.PENDING:
+            new_state = "queued"  # requeued or preempted: Slurm runs it again
+            started.unlink(missing_ok=True)
+        if state.value != trial["job_state"]:
+            fields["job_state"] = state.value
+        if new_state == trial["state"] and not fields:
+            return 0
+        self.ledger.set_trial_state(trial["trial_id"], new_state, **fields)
+        return 1
 
     def _settle(self, trial: Any, state: JobState) -> None:
         tid, job = trial["trial_id"], trial["job_id"]
@@ -282,23 +307,21 @@ class Search:
         return tail(logs[-1]) if logs else ""
 
     def interrupted(self) -> None:
-        open_jobs = [t for t in self.ledger.open_trials() if t["job_id"]]
-        if not open_jobs:
+        """Ctrl-C: ask before cancelling what runs; without a terminal, leave it running."""
+        running = [t for t in self.ledger.open_trials() if t["job_id"]]
+        if not running:
             return
         answer = "n"
         if sys.stdin.isatty():
-            answer = input(f"\nCancel the {len(open_jobs)} trials still running? [y/N] ").strip().lower()
+            answer = (
+                input(f"\nCancel the {len(running)} trials still queued or running? [y/N] ").strip().lower()
+            )
         if answer.startswith("y"):
-            self.scheduler.cancel(sorted({t["job_id"] for t in open_jobs}))
-            self.ledger.record_results(
-                Result(t["trial_id"], Status.CANCELLED, reason="cancelled by the user (Ctrl-C)")
-                for t in open_jobs
-            )
-            log.info("cancelled %d trials", len(open_jobs))
+            n = cancel_run(self.run_dir, reason="cancelled by the user (Ctrl-C)")
+            log.info("cancelled %d trials; run the same command again to resume the search", n)
         else:
-            log.info(
-                "left %d trials running; run the same command again to pick up their results", len(open_jobs)
-            )
+            log.info("left %d trials running; run the same command again to pick up their results, or cancel "
+                     "them with: python -m hpc_executor.cancel %s", len(running), self.run_dir)  # fmt: skip
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _record_call(self, role: str, epoch: int, call: Call) -> None:
@@ -326,6 +349,22 @@ class Search:
         implemented = sum(1 for r in this if self.ledger.patch_for(r["idea_id"]) is not None)
         self.progress.epoch_line(epoch, len(this), implemented, self.ledger.epoch_counts(epoch),
                                  max(rewards) if rewards else None)  # fmt: skip
+
+
+def trial_shape(cfg: DictConfig) -> Shape:
+    res = cfg.env.resources
+    # the worker's own limits plus a minute to copy workspaces and write the result
+    return Shape(res.gpus, res.cpus, res.mem_gb, cfg.env.hard_limit_s + cfg.env.eval_limit_s + 60)
+
+
+def dry_run(cfg: DictConfig, run_dir: Path) -> str:
+    """What an epoch of this run would submit, without submitting (or calling any model)."""
+    scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
+    shape = trial_shape(cfg)
+    if not hasattr(scheduler, "dry_run"):
+        return (f"scheduler={cfg.scheduler.name} runs each trial as a local process, "
+                f"{scheduler.capacity(shape)} at a time; there is no sbatch script to show.")  # fmt: skip
+    return scheduler.dry_run(shape, cfg.strategy.batch_size)
 
 
 def preflight(cfg: DictConfig, env: Environment) -> None:
@@ -381,6 +420,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]
         if missing:
             raise PreflightError(usage_message(missing))
+        if cfg.dry_run:
+            print(dry_run(cfg, run_dir))
+            _remove_if_untouched(run_dir)
+            return
         search = Search(cfg, run_dir)
         if cfg.check_only:
             log.info("check_only: configuration and preflight are fine; nothing was run")
@@ -390,6 +433,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         _remove_if_untouched(run_dir)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _remove_if_untouched(run_dir: Path) -> None:

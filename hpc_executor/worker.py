@@ -83,6 +83,9 @@ def run_trial(trial_dir: str) -> str:
     # the scheduler's state whether the trial was cancelled, timed out or must run again.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_interrupt)
+    # submitit's SIGUSR2 handler (sent before Slurm's time limit) would end the job as "failed";
+    # the worker keeps its own hard limit, and a Slurm kill is then recorded as a timeout.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     spec = TrialSpec.read(tdir)
     result = TrialRunner(spec).run()
     write_atomic(result_path, result.to_json())

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,3 +118,36 @@ def test_a_trial_can_be_rerun_from_the_ledger(tmp_path: Path) -> None:
     again = rerun(tmp_path / RUN, "baseline-t0")
     assert again.status.value == "ok" and again.reward == original.reward
     assert again.provenance["rerun_of"] == "baseline-t0"
+
+
+def test_cancelling_a_run_stops_its_trials_and_its_driver(tmp_path: Path) -> None:
+    args = ("+env=quick", "+model=offline", "+env.extra_env.QUICK_SLEEP_S=60", "env.hard_limit_s=120")
+    driver = subprocess.Popen(
+        search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir = tmp_path / RUN
+    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
+    cancel = subprocess.run(
+        [sys.executable, "-m", "hpc_executor.cancel", str(run_dir)], capture_output=True, text=True
+    )
+    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 2 and "was cancelled" in out and "Traceback" not in out
+    results = ledger_module.load(run_dir)["results"]
+    assert (results.status == "cancelled").sum() >= 2
+    wait_for(lambda: not any(p for p in run_dir.glob("trials/*") if _busy(p)), timeout=30)
+
+
+def _busy(trial_dir: Path) -> bool:
+    """A live process still works in this trial directory."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (
+                    os.readlink(entry / "cwd").startswith(str(trial_dir))
+                    and "Z" not in (entry / "stat").read_text().split()[2]
+                ):
+                    return True
+            except OSError:
+                continue
+    return False

@@ -1,0 +1,250 @@
+"""scheduler=slurm: parsers on captured real sacct output, sbatch scripts against reference files,
+and the lifecycle against the real local cluster (slurm/start-local-cluster.sh)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import quick_env_config, run_search, search_cmd
+from omegaconf import OmegaConf
+
+from hpc_executor import ledger as ledger_module
+from hpc_executor.config import SchedulerConfig
+from hpc_executor.scheduler import JobState, Shape
+from hpc_executor.slurm import SlurmScheduler, parse_sacct, sbatch_script
+from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TrialSpec
+
+DATA = Path(__file__).parent / "data" / "slurm"
+
+
+# -- parsing captured output -------------------------------------------------------------------
+def captured(name: str) -> str:
+    return "\n".join(line for line in (DATA / name).read_text().splitlines() if not line.startswith("#"))
+
+
+def test_sacct_states_of_finished_jobs() -> None:
+    states = parse_sacct(captured("sacct_allocations.txt"))
+    assert states["1_0"] is JobState.COMPLETED and states["11"] is JobState.COMPLETED
+    assert states["12"] is JobState.TIMEOUT
+    assert states["14"] is JobState.FAILED
+    assert states["17"] is JobState.CANCELLED  # "CANCELLED by 0"
+
+
+def test_sacct_pending_array_ranges_expand_to_tasks() -> None:
+    states = parse_sacct(captured("sacct_array_running.txt"))
+    assert [states[f"23_{i}"] for i in range(8)] == [JobState.RUNNING] * 8
+    assert states["23_8"] is states["23_9"] is JobState.PENDING
+
+
+def test_sacct_steps_and_garbage_are_ignored() -> None:
+    assert parse_sacct("123.batch|COMPLETED|vm\n\nnot a line\n") == {}
+    assert parse_sacct("7_[1,3-4%2]|PENDING|None assigned") == {
+        "7_1": JobState.PENDING, "7_3": JobState.PENDING, "7_4": JobState.PENDING}  # fmt: skip
+    assert parse_sacct("9|REQUEUED|vm\n10|PREEMPTED|vm\n11|NODE_FAIL|vm\n12|OUT_OF_MEMORY|vm") == {
+        "9": JobState.PENDING, "10": JobState.PREEMPTED, "11": JobState.NODE_FAIL, "12": JobState.OUT_OF_MEMORY}  # fmt: skip
+
+
+# -- sbatch scripts against reference files -----------------------------------------------------
+def site(**overrides: object) -> SlurmScheduler:
+    cfg = OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {
+        "name": "slurm", "partition": "gpu", "account": "lab", "qos": "normal", "constraint": "h100",
+        "cpus_per_gpu": 12, "mem_gb_per_gpu": 120, "max_array_parallel": 64, "job_name": "hpcx-run",
+        "setup": ["module load cuda/12.4"], **overrides})  # fmt: skip
+    return SlurmScheduler(cfg, Path("/tmp/hpcx-reference-unused"))
+
+
+@pytest.mark.parametrize(("name", "shape", "n"), [
+    ("sbatch_grpo_1gpu.txt", Shape(gpus=1, cpus=12, mem_gb=100, time_limit_s=4260), 50),
+    ("sbatch_nanogpt_8gpu.txt", Shape(gpus=8, cpus=64, mem_gb=400, time_limit_s=3360), 80),
+])  # fmt: skip
+def test_sbatch_scripts_match_their_reference(name: str, shape: Shape, n: int) -> None:
+    """A change to the submitted scripts must be deliberate: UPDATE_REFERENCE=1 rewrites the files."""
+    text = sbatch_script(
+        site().sbatch_parameters(shape), Path("/shared/run/submitit/%j"), n, python="/venv/bin/python"
+    )
+    reference = DATA / name
+    if os.environ.get("UPDATE_REFERENCE"):
+        reference.write_text(text)
+    assert text == reference.read_text()
+
+
+def test_a_trial_larger_than_a_node_is_refused() -> None:
+    with pytest.raises(Exception, match="gpus_per_node"):
+        site().sbatch_parameters(Shape(gpus=16, cpus=1, mem_gb=1, time_limit_s=60))
+
+
+# -- against the real local cluster -------------------------------------------------------------
+def cluster_up() -> bool:
+    if not shutil.which("sinfo") or not shutil.which("sacct"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mixed", "allocated"))
+
+
+slurm = pytest.mark.skipif(
+    not cluster_up(),
+    reason="no local Slurm cluster; start one with `bash slurm/start-local-cluster.sh` (root, apt-get)",
+)
+FAST = ("scheduler=slurm", "scheduler.poll_interval_s=0.5", "scheduler.poll_interval_max_s=1",
+        "scheduler.result_grace_s=3", "scheduler.vanished_grace_s=30")  # fmt: skip
+
+
+def make_trials(tmp_path: Path, n: int, **env_overrides: object) -> list[str]:
+    dirs = []
+    for i in range(n):
+        d = tmp_path / "trials" / f"t{i}"
+        d.mkdir(parents=True)
+        (d / DIFF_FILE).write_text("")
+        TrialSpec(f"t{i}", str(d), quick_env_config(**env_overrides)).write()
+        dirs.append(str(d))
+    return dirs
+
+
+def wait_for(predicate, timeout: float = 240.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)
+
+
+def scheduler_for(tmp_path: Path) -> SlurmScheduler:
+    cfg = OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "slurm", "job_name": "hpcx-test"})
+    return SlurmScheduler(cfg, tmp_path / "submitit")
+
+
+@slurm
+def test_ten_one_gpu_trials_get_distinct_gpus_eight_at_a_time(tmp_path: Path) -> None:
+    dirs = make_trials(tmp_path, 10, **{"resources.gpus": 1, "extra_env": {"QUICK_SLEEP_S": "4"}})
+    scheduler = scheduler_for(tmp_path)
+    jobs = scheduler.submit(dirs, Shape(gpus=1, cpus=1, mem_gb=1, time_limit_s=120))
+    assert len({j.split("_")[0] for j, _ in jobs}) == 1, "one array job"
+    assert [i for _, i in jobs] == list(range(10))
+    wait_for(lambda: all((Path(d) / RESULT_FILE).exists() for d in dirs), what="ten results")
+    spans = []
+    for d in dirs:
+        started = json.loads((Path(d) / STARTED_FILE).read_text())
+        result = json.loads((Path(d) / RESULT_FILE).read_text())
+        assert result["status"] == "ok"
+        spans.append(
+            (
+                started["started_at"],
+                started["started_at"] + result["runtime_s"],
+                started["cuda_visible_devices"],
+            )
+        )
+    for start, end, gpu in spans:
+        overlapping = [g for s, e, g in spans if s < end and e > start]
+        assert len(overlapping) <= 8
+        assert len(set(overlapping)) == len(overlapping), f"two trials shared a GPU: {overlapping}"
+    assert len({g for _, _, g in spans}) == 8
+
+
+@slurm
+def test_an_eight_gpu_trial_gets_the_whole_node(tmp_path: Path) -> None:
+    (d,) = make_trials(tmp_path, 1, **{"resources.gpus": 8})
+    scheduler_for(tmp_path).submit([d], Shape(gpus=8, cpus=1, mem_gb=1, time_limit_s=120))
+    wait_for(lambda: (Path(d) / RESULT_FILE).exists(), what="the result")
+    assert json.loads((Path(d) / STARTED_FILE).read_text())["cuda_visible_devices"] == "0,1,2,3,4,5,6,7"
+
+
+def trial_row(run_dir: Path) -> dict | None:
+    try:
+        db = sqlite3.connect(run_dir / "ledger.sqlite", timeout=5)
+        db.row_factory = sqlite3.Row
+        try:
+            row = db.execute("SELECT * FROM trials WHERE trial_id = 'e0-000-t0'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:
+        return None
+    return dict(row) if row else None
+
+
+ONE_TRIAL = (
+    "+env=quick",
+    "+model=offline",
+    "strategy.epochs=1",
+    "strategy.batch_size=1",
+    "run_baseline=false",
+)
+RUN = "outputs/quick-offline-evolution-seed0"
+
+
+def start_driver(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(search_cmd(*ONE_TRIAL, *FAST, *args), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def running_job(tmp_path: Path) -> str:
+    wait_for(lambda: (trial_row(tmp_path / RUN) or {}).get("state") == "running", what="a running trial")
+    return trial_row(tmp_path / RUN)["job_id"]
+
+
+def only_result(tmp_path: Path) -> dict:
+    results = ledger_module.load(tmp_path / RUN)["results"]
+    assert len(results) == 1
+    return results.iloc[0].to_dict()
+
+
+@slurm
+def test_scancel_is_recorded_as_cancelled_once(tmp_path: Path) -> None:
+    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=300")
+    job = running_job(tmp_path)
+    subprocess.run(["scancel", job], check=True)
+    assert driver.wait(timeout=180) == 0
+    result = only_result(tmp_path)
+    assert result["status"] == "cancelled" and job in result["reason"]
+
+
+@slurm
+def test_a_requeued_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.log"
+    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=10", f"+env.extra_env.QUICK_RUN_LOG={runs}")
+    job = running_job(tmp_path)
+    wait_for(lambda: runs.exists(), what="the first run to start training")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    assert driver.wait(timeout=240) == 0
+    assert len(runs.read_text().split()) == 2, "the trial ran again after the requeue"
+    assert only_result(tmp_path)["status"] == "ok"
+    assert trial_row(tmp_path / RUN)["job_id"] == job, "same job, not a resubmission"
+
+
+@slurm
+def test_a_slurm_time_limit_kill_is_recorded_as_timeout_with_the_log_tail(tmp_path: Path) -> None:
+    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=600", "env.hard_limit_s=900",
+                          "scheduler.time_limit_min=1")  # fmt: skip
+    assert driver.wait(timeout=300) == 0
+    result = only_result(tmp_path)
+    assert result["status"] == "timeout"
+    assert "trained: x=" in result["log_tail"]
+
+
+@slurm
+def test_a_killed_driver_reattaches_to_its_jobs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs.log"
+    args = ("+env=quick", "+model=offline", "strategy.epochs=2", *FAST, "+env.extra_env.QUICK_SLEEP_S=6",
+            f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
+    driver = subprocess.Popen(
+        search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    wait_for(lambda: runs.exists() and len(runs.read_text().split()) >= 2, what="trials running")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    proc = run_search(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = ledger_module.load(tmp_path / RUN)
+    assert len(frames["results"]) == len(frames["ideas"]) == 7
+    assert (frames["trials"].submissions == 1).all(), "nothing resubmitted"
+    counts = Counter(runs.read_text().split())
+    assert len(counts) == 7 - frames["results"].status.isin(["patch_rejected", "implement_failed"]).sum()
+    assert max(counts.values()) == 1, f"a trial ran twice: {counts}"
+    assert frames["trials"].job_id.str.match(r"^\d+_\d+$").all()
