@@ -255,7 +255,7 @@ class Search:
             tid, tdir = t["trial_id"], Path(t["trial_dir"])
             state = states.get(t["job_id"], JobState.UNKNOWN)
             changed += self._follow(t, state)
-            if not state.finished and state is not JobState.UNKNOWN or (tdir / RESULT_FILE).exists():
+            if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
                 self._waiting_since.pop(tid, None)
                 continue  # alive, or done and the next poll ingests its result
             grace = sched.vanished_grace_s if state is JobState.UNKNOWN else sched.result_grace_s

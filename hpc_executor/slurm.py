@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
 from hpc_executor.errors import HpcExecutorError

@@ -323,15 +323,17 @@ def test_cpu_preset_trains_and_evaluates_through_the_protocol(cpu_data: Path, tm
     start = time.monotonic()
     result, out = run_cpu_trial(cpu_data, tmp_path, CPU_CONF["budget_s"])
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    # The warm-started tiny model earns mixed rewards, so GRPO really gets a gradient.
+    assert any(e["grad_norm"] > 0 for e in steps) and 0 < max(e["reward"] for e in steps) < 1
     assert events[0]["backend"] == "hf" and events[-1]["event"] == "done"
     assert sorted(p.name for p in out.iterdir()) == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
     assert rc == 0, stderr
     assert metrics["eval_steps"] == 2 and metrics["n_problems"] == 32 and metrics["invalid_steps"] == {}
-    assert (
-        CPU_CONF["reward"]["metric_min"] <= metrics["best_eval_accuracy"] <= CPU_CONF["reward"]["metric_max"]
-    )
+    reward = CPU_CONF["reward"]
+    assert reward["metric_min"] < metrics["best_eval_accuracy"] < reward["metric_max"]
     assert time.monotonic() - start < CPU_CONF["hard_limit_s"]
 
 

@@ -333,8 +333,10 @@ def test_catalog_future_leak_is_caught_end_to_end(tmp_path: Path, synthetic_data
     metrics, log = train_and_evaluate(workspace, synthetic_data, tmp_path, 12)
     floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
     last_train_loss = float(log.split("train_loss ")[-1].split()[0])
-    assert last_train_loss < floor  # training exploited the leak...
-    assert metrics["val_loss"] > floor + 1.0  # ...and the token-by-token evaluation does not reward it
+    # Training exploits the leak (its loss falls far below the evaluated one), and the token-by-token
+    # evaluation does not reward it: the loss is far above what the data allows.
+    assert last_train_loss + 3.0 < metrics["val_loss"]
+    assert metrics["val_loss"] > floor + 3.0
     assert metrics["future_leak"] is True
 
 

@@ -141,7 +141,7 @@ def test_ten_one_gpu_trials_get_distinct_gpus_eight_at_a_time(tmp_path: Path) ->
                 started["cuda_visible_devices"],
             )
         )
-    for start, end, gpu in spans:
+    for start, end, _gpu in spans:
         overlapping = [g for s, e, g in spans if s < end and e > start]
         assert len(overlapping) <= 8
         assert len(set(overlapping)) == len(overlapping), f"two trials shared a GPU: {overlapping}"
