@@ -8,6 +8,7 @@ command again continues where a killed driver stopped: nothing is asked, impleme
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -441,6 +442,8 @@ def _remove_if_untouched(run_dir: Path) -> None:
     """A run that stopped before its ledger existed leaves no directory behind."""
     if run_dir.is_dir() and not (run_dir / "ledger.sqlite").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # outputs/ itself, if this run was its only content
+            run_dir.parent.rmdir()
 
 
 def main() -> None:

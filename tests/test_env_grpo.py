@@ -35,7 +35,11 @@ needs_transformers = pytest.mark.skipif(
 def load_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # keep baseline/ pristine
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
     return module
 
 
@@ -46,7 +50,14 @@ def run_script(script: str, cwd: Path, env: dict[str, str], *args: str, timeout:
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=cwd,
-        env={**os.environ, "HPCX_CPUS": "1", "HPCX_GPUS": "0", "HPCX_SEED": "0", **env},
+        env={
+            **os.environ,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "HPCX_CPUS": "1",
+            "HPCX_GPUS": "0",
+            "HPCX_SEED": "0",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -230,6 +241,7 @@ def cpu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def grpo_modules(monkeypatch: pytest.MonkeyPatch):
     """The baseline's training modules imported in-process (they import each other by name)."""
     monkeypatch.syspath_prepend(str(BASELINE))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # keep baseline/ pristine
     names = ("grader", "grpo_loss", "reward", "rollout", "grpo")
     yield importlib.import_module("grpo")
     for name in names:

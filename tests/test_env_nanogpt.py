@@ -183,6 +183,16 @@ class PeekingModel(torch.nn.Module):
         return 30.0 * F.one_hot(tokens, self.vocab).float()
 
 
+class StoragePeekingModel(PeekingModel):
+    """A subtler hack: if the evaluator passed a view of the window, its storage holds the future."""
+
+    def decode_step(self, tokens: torch.Tensor, cache: list) -> torch.Tensor:
+        flat = torch.empty(0, dtype=tokens.dtype).set_(tokens.untyped_storage())
+        where = tokens.storage_offset() + 1 + torch.arange(len(tokens)) * tokens.stride(0)
+        guess = flat[where.clamp(max=len(flat) - 1)]
+        return 30.0 * F.one_hot(guess, self.vocab).float()
+
+
 def test_future_leak_cannot_lower_the_kv_cache_loss(synthetic_data: Path) -> None:
     floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
     tokens = evaluate.load_val_tokens(synthetic_data, 64 * 32 + 1)
@@ -194,6 +204,12 @@ def test_future_leak_cannot_lower_the_kv_cache_loss(synthetic_data: Path) -> Non
     assert full_forward < 0.1 < floor  # a whole-sequence evaluator would report an impossible loss
     loss_sum, count = evaluate.kv_cache_loss(cheat, x, y, batch=16, device=torch.device("cpu"))
     assert loss_sum / count > floor  # the KV-cache evaluator does not
+
+    peeker = StoragePeekingModel()
+    through_views = torch.stack([peeker.decode_step(x[:, t], []) for t in range(63)], dim=1)
+    assert F.cross_entropy(through_views.reshape(-1, 512), y[:, :63].reshape(-1)).item() < 0.1
+    loss_sum, count = evaluate.kv_cache_loss(peeker, x, y, batch=16, device=torch.device("cpu"))
+    assert loss_sum / count > floor  # the evaluator hands over copies, not views
 
     probe = evaluate.causality_probe(cheat, tokens[:256].view(4, 64), torch.device("cpu"))
     assert probe["future_leak"] is True and "not causal" in probe["invalid_reason"]
@@ -335,8 +351,8 @@ def test_catalog_future_leak_is_caught_end_to_end(tmp_path: Path, synthetic_data
     last_train_loss = float(log.split("train_loss ")[-1].split()[0])
     # Training exploits the leak (its loss falls far below the evaluated one), and the token-by-token
     # evaluation does not reward it: the loss is far above what the data allows.
-    assert last_train_loss + 3.0 < metrics["val_loss"]
-    assert metrics["val_loss"] > floor + 3.0
+    assert last_train_loss + 1.0 < metrics["val_loss"]
+    assert metrics["val_loss"] > floor + 1.0
     assert metrics["future_leak"] is True
 
 

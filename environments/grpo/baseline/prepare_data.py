@@ -1,0 +1,224 @@
+"""Build the GRPO environment's data directory (protected: ideas never edit this file).
+
+Real data (paper scale, needs network and the `datasets` package):
+    HPCX_DATA_DIR=... python prepare_data.py
+writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution)
+and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line: {"problem", "answer"}.
+
+CPU preset (offline, about 15 s on one thread):
+    HPCX_DATA_DIR=... python prepare_data.py --synthetic --tiny-model
+writes a small deterministic arithmetic data set in the same format and a tiny Qwen2 model with a
+byte-level tokenizer under `tiny_model/` (random init, then a few seconds of supervised steps that
+teach it the answer format), so the same training code runs without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+MATH_TRAIN = "EleutherAI/hendrycks_math"  # the 7 MATH subjects, 7,500 training problems in all
+MATH_SUBJECTS = [
+    "algebra",
+    "counting_and_probability",
+    "geometry",
+    "intermediate_algebra",
+    "number_theory",
+    "prealgebra",
+    "precalculus",
+]
+MATH_TEST = "HuggingFaceH4/MATH-500"  # the 500-problem test subset used by the paper
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 256, 32
+# Tags are ordinary (not special) tokens so decoding keeps them in the text the grader reads.
+TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+WARM_START_STEPS, WARM_START_BATCH = 300, 16
+
+
+def last_boxed(solution: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}) in a MATH solution, braces matched."""
+    start = max(solution.rfind("\\boxed{"), solution.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = solution.index("{", start)
+    depth = 0
+    for j in range(i, len(solution)):
+        if solution[j] == "{":
+            depth += 1
+        elif solution[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return solution[i + 1 : j]
+    return None
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def prepare_math(out: Path) -> None:
+    from datasets import load_dataset  # only the real path needs it (and the network)
+
+    train = []
+    for subject in MATH_SUBJECTS:
+        for ex in load_dataset(MATH_TRAIN, subject, split="train"):
+            answer = last_boxed(ex["solution"])
+            if answer is None:
+                raise SystemExit(f"no \\boxed answer in a {subject} training solution")
+            train.append({"problem": ex["problem"], "answer": answer})
+    test = [
+        {"problem": ex["problem"], "answer": ex["answer"]} for ex in load_dataset(MATH_TEST, split="test")
+    ]
+    if (len(train), len(test)) != (7500, 500):
+        raise SystemExit(f"expected 7500 train / 500 test problems, got {len(train)} / {len(test)}")
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "test.jsonl", test)
+
+
+def synthetic_problem(rng: random.Random) -> dict:
+    """One small problem. Parity and comparison answers can be guessed, so a tiny model earns some
+    reward; fractions exercise the grader's LaTeX path."""
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    kind = rng.choice(["parity", "larger", "add", "fraction"])
+    if kind == "parity":
+        n = rng.randint(1, 99)
+        return {"problem": f"Is ${n}$ even or odd?", "answer": "odd" if n % 2 else "even"}
+    if kind == "larger":
+        return {"problem": f"Which is larger, ${a}$ or ${b}$?", "answer": str(max(a, b))}
+    if kind == "add":
+        return {"problem": f"What is ${a} + {b}$?", "answer": str(a + b)}
+    q = Fraction(a, b)
+    answer = str(q.numerator) if q.denominator == 1 else f"\\frac{{{q.numerator}}}{{{q.denominator}}}"
+    return {"problem": f"Simplify $\\frac{{{a}}}{{{b}}}$.", "answer": answer}
+
+
+def prepare_synthetic(out: Path, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    problems = [synthetic_problem(rng) for _ in range(SYNTHETIC_TRAIN + SYNTHETIC_TEST)]
+    write_jsonl(out / "train.jsonl", problems[:SYNTHETIC_TRAIN])
+    write_jsonl(out / "test.jsonl", problems[SYNTHETIC_TRAIN:])
+
+
+def build_tiny_model(out: Path, train: list[dict], seed: int = 0) -> None:
+    """A 2-layer Qwen2 plus a byte-level tokenizer: real HF classes, no download, warm-started."""
+    import torch
+
+    sys.dont_write_bytecode = True  # we run inside baseline/: importing reward.py must not litter it
+    from reward import R1_ZERO_PROMPT  # the prompt the baseline trains with
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    # Byte-level BPE without merges over printable ASCII (GPT-2's byte-to-unicode alphabet: space and
+    # newline are chr(256 + byte)). Every sampled token decodes to a real character, so the text the
+    # trainer re-tokenises gives back exactly the sampled tokens.
+    alphabet = [chr(b) for b in range(33, 127)] + [chr(256 + 32), chr(256 + 10)]
+    core = Tokenizer(
+        models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[], unk_token="<|unk|>")
+    )
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<|pad|>", eos_token="<|endoftext|>", unk_token="<|unk|>"
+    )
+    # The r1-zero prompt's fixed text around the question becomes two tokens (as a BPE merges frequent
+    # strings), so the tiny model sees ~40-token prompts and its warm start takes seconds, not minutes.
+    tokenizer.add_tokens(TINY_TAGS + R1_ZERO_PROMPT.split("{question}"))
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    warm_start(model, tokenizer, train, seed)
+    model.save_pretrained(out)
+
+
+def warm_start(model, tokenizer, train: list[dict], seed: int) -> None:
+    """A few supervised steps on `<prompt> X </think> <answer> X </answer>`.
+
+    They teach the random model the r1-zero layout and a little of the task: it then writes a formatted
+    answer most of the time and a right one about a third of the time, so the CPU preset's GRPO sees
+    groups with mixed rewards, as the paper's base model does, instead of all-zero groups.
+    """
+    import torch
+    from reward import R1_ZERO_PROMPT  # the prompt the baseline trains with
+
+    torch.set_num_threads(1)  # the same bytes on every machine
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(WARM_START_STEPS):
+        seqs, starts = [], []
+        for row in rng.sample(train, WARM_START_BATCH):
+            prompt = tokenizer(R1_ZERO_PROMPT.format(question=row["problem"]), add_special_tokens=False)
+            target = tokenizer(
+                f" {row['answer']} </think> <answer> {row['answer']} </answer>",
+                add_special_tokens=False,
+            )
+            seqs.append(prompt["input_ids"] + target["input_ids"] + [tokenizer.eos_token_id])
+            starts.append(len(prompt["input_ids"]))
+        width = max(len(seq) for seq in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+        attention = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)  # loss on the response only
+        for i, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            attention[i, : len(seq)] = 1
+            labels[i, start : len(seq)] = torch.tensor(seq[start:])
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", default=os.environ.get("HPCX_DATA_DIR"), help="default: $HPCX_DATA_DIR")
+    parser.add_argument("--synthetic", action="store_true", help="small offline arithmetic set (CPU preset)")
+    parser.add_argument(
+        "--tiny-model",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="also build a tiny random Qwen2 + tokenizer (default DIR: <data-dir>/tiny_model)",
+    )
+    args = parser.parse_args()
+    if not args.data_dir:
+        raise SystemExit("give --data-dir or set HPCX_DATA_DIR")
+    out = Path(args.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.synthetic:
+        prepare_synthetic(out)
+    else:
+        prepare_math(out)
+    if args.tiny_model is not None:
+        with (out / "train.jsonl").open() as f:
+            train = [json.loads(line) for line in f]
+        build_tiny_model(Path(args.tiny_model) if args.tiny_model else out / "tiny_model", train)
+    print(f"prepared {out}")
+
+
+if __name__ == "__main__":
+    main()
