@@ -151,3 +151,28 @@ def _busy(trial_dir: Path) -> bool:
             except OSError:
                 continue
     return False
+
+
+def test_analysis_tables_over_a_run(tmp_path: Path) -> None:
+    from hpc_executor import analysis
+
+    proc = run_search("+env=quick", "+model=offline", "strategy.epochs=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = analysis.outcomes(tmp_path / "outputs")
+    assert len(df) == 7 and set(df.run) == {"quick-offline-evolution-seed0"}
+    table = analysis.by_epoch(df)
+    assert list(table.epoch) == [0, 1] and table.ideas.tolist() == [3, 3]
+    assert table.best_so_far.is_monotonic_increasing
+    assert analysis.status_counts(df).to_numpy().sum() == 6
+
+
+def test_multirun_gives_each_search_its_own_directory(tmp_path: Path) -> None:
+    proc = run_search(
+        "--multirun", "+env=quick", "+model=offline", "strategy.epochs=1", "seed=0,1", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hpc_executor import analysis
+
+    runs = analysis.run_dirs(tmp_path / "multirun")
+    assert [r.name for r in runs] == ["0-quick-offline-evolution-seed0", "1-quick-offline-evolution-seed1"]
+    assert all(len(ledger_module.load(r)["results"]) == 4 for r in runs)

@@ -1,0 +1,64 @@
+"""pandas helpers over ledgers: one table of ideas with their outcomes, across one run or a sweep.
+
+from hpc_executor import analysis
+df = analysis.outcomes(["multirun/2026-11-27/10-00-00/0-tiny-offline-evolution-seed0", ...])
+analysis.by_epoch(df)        # ideas, execution rate, best and mean reward per run and epoch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from hpc_executor.ledger import LEDGER_FILE, load
+
+
+def run_dirs(root: str | Path) -> list[Path]:
+    """Every run directory under ``root`` (a run, an outputs/ folder or a multirun sweep)."""
+    return sorted(p.parent for p in Path(root).rglob(LEDGER_FILE))
+
+
+def outcomes(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """One row per idea: run, epoch, kind, title, status, reward, runtime, LLM tokens and cost."""
+    paths = run_dirs(runs) if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    frames = []
+    for run in paths:
+        t = load(run)
+        calls = t["llm_calls"].assign(idea_id=t["llm_calls"].call_id.str.extract(r"^(e\d+-\d+)-s")[0])
+        spend = calls.groupby("idea_id")[["input_tokens", "output_tokens", "cost_usd"]].sum()
+        df = (
+            t["ideas"][["idea_id", "epoch", "kind", "title"]]
+            .merge(
+                t["trials"][["idea_id", "trial_id", "trial_dir", "job_id", "node"]], on="idea_id", how="left"
+            )
+            .merge(
+                t["results"][["trial_id", "status", "reward", "runtime_s", "reason"]],
+                on="trial_id",
+                how="left",
+            )
+            .merge(spend, left_on="idea_id", right_index=True, how="left")
+        )
+        frames.append(df.assign(run=run.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def by_epoch(df: pd.DataFrame) -> pd.DataFrame:
+    """Per run and epoch: ideas, execution rate (valid results / ideas), best and mean reward, and
+    the best reward found so far (the search curve)."""
+    ideas = df[df.kind != "baseline"]
+    table = ideas.groupby(["run", "epoch"]).agg(
+        ideas=("idea_id", "count"),
+        execution_rate=("status", lambda s: (s == "ok").mean()),
+        best_reward=("reward", "max"),
+        mean_reward=("reward", "mean"),
+    )
+    table["best_so_far"] = table.groupby(level="run").best_reward.cummax()
+    return table.reset_index()
+
+
+def status_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """How ideas ended, per run: ok, implement_failed, patch_rejected, crashed, timeout, ..."""
+    return df[df.kind != "baseline"].pivot_table(index="run", columns="status", values="idea_id", aggfunc="count",
+                                                   fill_value=0)  # fmt: skip
