@@ -27,7 +27,14 @@ def quick_env_config(**overrides: object) -> dict:
 def search_cmd(*args: str) -> list[str]:
     flags = [a for a in args if a.startswith("-")]  # Hydra wants --multirun before the overrides
     overrides = [a for a in args if not a.startswith("-")]
-    return [sys.executable, "-m", "hpc_executor.search", *flags, f"hydra.searchpath=[file://{TEST_CONF}]", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "hpc_executor.search",
+        *flags,
+        f"hydra.searchpath=[file://{TEST_CONF}]",
+        *overrides,
+    ]
 
 
 def run_search(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300):

@@ -51,7 +51,9 @@ def test_every_strategy_and_scheduler_composes(strategy: str, scheduler: str) ->
     cfg = composed("+env=tiny", "+model=opus", f"strategy={strategy}", f"scheduler={scheduler}")
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg.strategy.name == strategy
-    assert cfg.scheduler.name == ("slurm" if scheduler.startswith("slurm") else scheduler)  # profiles of a backend
+    assert cfg.scheduler.name == (
+        "slurm" if scheduler.startswith("slurm") else scheduler
+    )  # profiles of a backend
 
 
 def test_paper_models_keep_the_papers_settings() -> None:

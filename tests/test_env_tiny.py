@@ -123,12 +123,10 @@ def test_baseline_trial_round_trip(data_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(BASELINE, workspace)
     out = tmp_path / "out"
     out.mkdir()
-    env = {
-        "HPCX_DATA_DIR": str(data_dir),
-        "HPCX_OUTPUT_DIR": str(out),
-        "HPCX_TIME_BUDGET_S": str(CONF["budget_s"]),
-    }
-    result = run_script("train.py", workspace, env, timeout=CONF["hard_limit_s"])
+    # A generous budget: on a loaded machine the configured one could stop training early, and this
+    # test compares the result with the configured baseline reward, which assumes all steps ran.
+    env = {"HPCX_DATA_DIR": str(data_dir), "HPCX_OUTPUT_DIR": str(out), "HPCX_TIME_BUDGET_S": "1000"}
+    result = run_script("train.py", workspace, env, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.search(r"step +\d+/\d+ loss [\d.]+ lr \S+ elapsed [\d.]+s", result.stdout)
     rc, metrics, stderr = evaluate(workspace, out, data_dir, tmp_path)

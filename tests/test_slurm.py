@@ -211,7 +211,10 @@ def test_scancel_is_recorded_as_cancelled_once(tmp_path: Path) -> None:
 def test_a_requeued_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> None:
     runs = tmp_path / "runs.log"
     driver = start_driver(
-        tmp_path, "+env.extra_env.QUICK_SLEEP_S=8", f"+env.extra_env.QUICK_RUN_LOG={runs}", "env.hard_limit_s=60"
+        tmp_path,
+        "+env.extra_env.QUICK_SLEEP_S=8",
+        f"+env.extra_env.QUICK_RUN_LOG={runs}",
+        "env.hard_limit_s=60",
     )
     job = running_job(tmp_path)
     wait_for(lambda: runs.exists(), what="the first run to start training")
