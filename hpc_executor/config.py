@@ -96,7 +96,8 @@ class StrategyConfig:
 class SchedulerConfig:
     name: str = MISSING  # local | slurm
     max_parallel: int = 0  # trials at once; 0 = as many as the resources allow
-    poll_interval_s: float = 1.0  # first poll interval; backs off while nothing changes
+    result_poll_s: float = 1.0  # how often open trials' result files are looked for (a stat each)
+    poll_interval_s: float = 1.0  # how often the scheduler is asked at first; backs off while nothing changes
     poll_interval_max_s: float = 10.0
     result_grace_s: float = 15.0  # a job that ended gets this long for its result file to appear
     vanished_grace_s: float = 120.0  # a job the scheduler has no record of is resubmitted after this

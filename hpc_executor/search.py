@@ -204,24 +204,37 @@ class Search:
             self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
 
     def execute(self, epoch: int) -> None:
-        """Dispatch pending trials within capacity and poll until no trial is open. Polls back off
-        while nothing changes."""
-        interval = self.cfg.scheduler.poll_interval_s
+        """Dispatch pending trials within capacity and poll until no trial is open.
+
+        Two clocks: result files of open trials are looked for every ``result_poll_s`` (a stat per
+        open trial, so a finished trial reaches the strategy within about that), while the
+        scheduler is asked (one query for all jobs) every ``poll_interval_s``, backing off to
+        ``poll_interval_max_s`` while nothing changes."""
+        sched = self.cfg.scheduler
+        query_interval, next_query = sched.poll_interval_s, 0.0
         while True:
             if self.ledger.get_meta(CANCELLED_META):
                 raise RunCancelled(
                     f"run {self.run_dir} was cancelled: {self.ledger.get_meta(CANCELLED_META)}"
                 )
             changed = self.ledger.poll()
-            open_trials = self.ledger.open_trials()
-            changed += self._check_jobs([t for t in open_trials if t["state"] != "pending"])
-            changed += self._dispatch()
+            if time.monotonic() >= next_query:
+                asked = self._check_jobs([t for t in self.ledger.open_trials() if t["state"] != "pending"])
+                query_interval = (
+                    sched.poll_interval_s if asked else min(query_interval * 1.5, sched.poll_interval_max_s)
+                )
+                next_query = time.monotonic() + query_interval
+                changed += asked
+            dispatched = self._dispatch()
+            if changed or dispatched:
+                query_interval, next_query = (
+                    sched.poll_interval_s,
+                    min(next_query, time.monotonic() + query_interval),
+                )
             self._show(epoch)
             if not self.ledger.open_trials():
                 return
-            interval = self.cfg.scheduler.poll_interval_s if changed else min(
-                interval * 1.5, self.cfg.scheduler.poll_interval_max_s)  # fmt: skip
-            time.sleep(interval)
+            time.sleep(sched.result_poll_s)
 
     def _dispatch(self) -> int:
         pending = [t for t in self.ledger.open_trials() if t["state"] == "pending"]

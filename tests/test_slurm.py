@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from hpc_executor import ledger as ledger_module
 from hpc_executor.config import SchedulerConfig
-from hpc_executor.scheduler import JobState, Shape
+from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape
 from hpc_executor.slurm import SlurmScheduler, parse_sacct, sbatch_script
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TrialSpec
 
@@ -257,3 +257,45 @@ def test_a_killed_driver_reattaches_to_its_jobs(tmp_path: Path) -> None:
     assert len(counts) == 7 - frames["results"].status.isin(["patch_rejected", "implement_failed"]).sum()
     assert max(counts.values()) == 1, f"a trial ran twice: {counts}"
     assert frames["trials"].job_id.str.match(r"^\d+_\d+$").all()
+
+
+def fake_sacct(tmp_path: Path, fail_first: int) -> Path:
+    """A sacct on PATH that logs its arguments and fails its first calls, then asks the real one."""
+    real = shutil.which("sacct") or "/usr/bin/sacct"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "sacct.calls"
+    script = bindir / "sacct"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        f'if [ "$(wc -l < {log})" -le {fail_first} ]; then echo "sacct: error: slurmdbd: connection refused" >&2; exit 1; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    script.chmod(0o755)
+    return log
+
+
+def test_a_failing_sacct_raises_a_query_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_sacct(tmp_path, fail_first=1)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    with pytest.raises(SchedulerQueryError, match="connection refused"):
+        scheduler_for(tmp_path).states(["1_0"])
+
+
+@slurm
+def test_one_sacct_per_poll_for_all_jobs_and_failures_do_not_stop_polling(tmp_path: Path) -> None:
+    calls = fake_sacct(tmp_path, fail_first=2)
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    start = time.monotonic()
+    proc = run_search("+env=quick", "+model=offline", "strategy.epochs=1", "strategy.batch_size=6", *FAST,
+                      "+env.extra_env.QUICK_SLEEP_S=3", cwd=tmp_path, env=env)  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "connection refused; polling goes on" in proc.stdout + proc.stderr
+    lines = calls.read_text().splitlines()
+    trials = ledger_module.load(tmp_path / RUN)["trials"]
+    arrays = {j.split("_")[0] for j in trials.job_id.dropna()}
+    assert len(arrays) == 1, "all trials of the epoch went out as one array"
+    assert all(line.endswith(f"-j {next(iter(arrays))}") for line in lines), "each query asks for every job"
+    assert len(lines) <= elapsed / 0.5 + 2, "no more than one query per poll"
