@@ -299,3 +299,18 @@ def test_one_sacct_per_poll_for_all_jobs_and_failures_do_not_stop_polling(tmp_pa
     assert len(arrays) == 1, "all trials of the epoch went out as one array"
     assert all(line.endswith(f"-j {next(iter(arrays))}") for line in lines), "each query asks for every job"
     assert len(lines) <= elapsed / 0.5 + 2, "no more than one query per poll"
+
+
+@slurm
+def test_sweep_puts_the_search_drivers_themselves_on_slurm(tmp_path: Path) -> None:
+    proc = run_search("--multirun", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+                      "hydra.launcher.cpus_per_task=1", "+env=quick", "+model=offline", "strategy.epochs=1",
+                      "seed=0,1", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from hpc_executor import analysis
+
+    runs = analysis.run_dirs(tmp_path / "multirun")
+    assert [r.name for r in runs] == ["0-quick-offline-evolution-seed0", "1-quick-offline-evolution-seed1"]
+    for run in runs:
+        assert len(ledger_module.load(run)["results"]) == 4
+    assert list((tmp_path / "multirun").rglob(".submitit")), "the drivers ran as Slurm jobs"
