@@ -29,9 +29,9 @@ def cancel_run(run_dir: Path, reason: str = "cancelled with hpc_executor.cancel"
             raise LedgerError(f"{run_dir} records no configuration; was it made by hpc_executor.search?")
         scheduler = make_scheduler(OmegaConf.create(config).scheduler, run_dir / "submitit")
         open_trials = ledger.open_trials()
-        scheduler.cancel(sorted({t["job_id"] for t in open_trials if t["job_id"]}))
+        scheduler.cancel(sorted({t.job_id for t in open_trials if t.job_id}))
         ledger.set_meta(CANCELLED_META, reason)
-        ledger.record_results(Result(t["trial_id"], Status.CANCELLED, reason=reason) for t in open_trials)
+        ledger.record_results(Result(t.trial_id, Status.CANCELLED, reason=reason) for t in open_trials)
         return len(open_trials)
     finally:
         ledger.close()

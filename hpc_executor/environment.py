@@ -48,6 +48,11 @@ class Environment:
             raise ConfigError(
                 f"env.reward.transform={self.cfg.reward.transform!r} is not one of {sorted(TRANSFORMS)}"
             )
+        if self.cfg.reward.direction != "maximize":
+            raise ConfigError(
+                f"env.reward.direction={self.cfg.reward.direction!r}: rewards are always maximised; to minimise "
+                "a metric use env.reward.transform=negate or reciprocal"
+            )
         if self.cfg.hard_limit_s < self.cfg.budget_s:
             raise ConfigError(
                 f"env.hard_limit_s ({self.cfg.hard_limit_s}) is below env.budget_s ({self.cfg.budget_s}): "

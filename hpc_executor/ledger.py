@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from hpc_executor.errors import LedgerError
-from hpc_executor.types import Idea, Patch, Result
+from hpc_executor.types import Idea, Patch, Result, Trial
 
 LEDGER_FILE = "ledger.sqlite"
 TABLES = ("ideas", "patches", "trials", "results", "llm_calls")
@@ -168,11 +168,12 @@ class Ledger:
         return new
 
     # -- ingestion ----------------------------------------------------------------------------
-    def open_trials(self) -> list[sqlite3.Row]:
-        return self.db.execute(
+    def open_trials(self) -> list[Trial]:
+        rows = self.db.execute(
             "SELECT trial_id, idea_id, epoch, trial_dir, state, job_id, array_index, job_state, submissions"
             " FROM trials WHERE state IN ('pending', 'queued', 'running')"
         ).fetchall()
+        return [Trial(**dict(r)) for r in rows]
 
     def ingest(self, result_paths: Iterable[Path]) -> int:
         """Read result files and record them; unreadable files are left for the next poll."""
@@ -188,7 +189,7 @@ class Ledger:
 
     def poll(self, result_name: str = "result.json") -> int:
         """Ingest the results of open trials that have appeared since the last poll."""
-        found = [p for row in self.open_trials() if (p := Path(row["trial_dir"]) / result_name).exists()]
+        found = [p for trial in self.open_trials() if (p := Path(trial.trial_dir) / result_name).exists()]
         return self.ingest(found)
 
     # -- reads --------------------------------------------------------------------------------

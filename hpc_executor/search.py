@@ -38,7 +38,7 @@ from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.strategies import make_strategy
-from hpc_executor.types import Idea, Patch, Result, Status
+from hpc_executor.types import Idea, Patch, Result, Status, Trial
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
 
 log = logging.getLogger("hpc_executor.search")
@@ -219,7 +219,7 @@ class Search:
                 )
             changed = self.ledger.poll()
             if time.monotonic() >= next_query:
-                asked = self._check_jobs([t for t in self.ledger.open_trials() if t["state"] != "pending"])
+                asked = self._check_jobs([t for t in self.ledger.open_trials() if t.state != "pending"])
                 query_interval = (
                     sched.poll_interval_s if asked else min(query_interval * 1.5, sched.poll_interval_max_s)
                 )
@@ -237,28 +237,26 @@ class Search:
             time.sleep(sched.result_poll_s)
 
     def _dispatch(self) -> int:
-        pending = [t for t in self.ledger.open_trials() if t["state"] == "pending"]
+        pending = [t for t in self.ledger.open_trials() if t.state == "pending"]
         if not pending:
             return 0
-        in_flight = len([t for t in self.ledger.open_trials() if t["state"] != "pending"])
+        in_flight = len([t for t in self.ledger.open_trials() if t.state != "pending"])
         capacity = self.scheduler.capacity(self.shape)
         room = len(pending) if capacity is None else max(0, capacity - in_flight)
-        batch = sorted(pending, key=lambda t: (t["epoch"], t["trial_id"]))[:room]
+        batch = sorted(pending, key=lambda t: (t.epoch, t.trial_id))[:room]
         if not batch:
             return 0
-        jobs = self.scheduler.submit([t["trial_dir"] for t in batch], self.shape)
-        self.ledger.mark_submitted(
-            (t["trial_id"], job, idx) for t, (job, idx) in zip(batch, jobs, strict=True)
-        )
+        jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape)
+        self.ledger.mark_submitted((t.trial_id, job, idx) for t, (job, idx) in zip(batch, jobs, strict=True))
         return len(batch)
 
-    def _check_jobs(self, trials: list[Any]) -> int:
+    def _check_jobs(self, trials: list[Trial]) -> int:
         """Follow the jobs of submitted trials (one scheduler query): record their state, node and
         GPUs, and settle trials whose job ended, or vanished, without writing a result."""
         if not trials:
             return 0
         try:
-            states = self.scheduler.states([t["job_id"] for t in trials])
+            states = self.scheduler.states([t.job_id for t in trials])
         except SchedulerQueryError as exc:
             log.warning("%s; polling goes on", exc)
             return 0
@@ -266,8 +264,8 @@ class Search:
         changed = 0
         now = time.monotonic()
         for t in trials:
-            tid, tdir = t["trial_id"], Path(t["trial_dir"])
-            state = states.get(t["job_id"], JobState.UNKNOWN)
+            tid, tdir = t.trial_id, Path(t.trial_dir)
+            state = states.get(t.job_id, JobState.UNKNOWN)
             changed += self._follow(t, state)
             if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
                 self._waiting_since.pop(tid, None)
@@ -279,29 +277,29 @@ class Search:
                 changed += 1
         return changed
 
-    def _follow(self, trial: Any, state: JobState) -> int:
+    def _follow(self, trial: Trial, state: JobState) -> int:
         """Keep the trial's state, job state, node and GPUs in the ledger current."""
         fields: dict[str, Any] = {}
-        new_state = trial["state"]
-        started = Path(trial["trial_dir"]) / STARTED_FILE
-        if trial["state"] == "queued" and state is not JobState.PENDING and started.exists():
+        new_state = trial.state
+        started = Path(trial.trial_dir) / STARTED_FILE
+        if trial.state == "queued" and state is not JobState.PENDING and started.exists():
             where = json.loads(started.read_text())
             new_state = "running"
             fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices")}
-        elif trial["state"] == "running" and state is JobState.PENDING:
+        elif trial.state == "running" and state is JobState.PENDING:
             new_state = "queued"  # requeued or preempted: Slurm runs it again
             started.unlink(missing_ok=True)
-        if state.value != trial["job_state"]:
+        if state.value != trial.job_state:
             fields["job_state"] = state.value
-        if new_state == trial["state"] and not fields:
+        if new_state == trial.state and not fields:
             return 0
-        self.ledger.set_trial_state(trial["trial_id"], new_state, **fields)
+        self.ledger.set_trial_state(trial.trial_id, new_state, **fields)
         return 1
 
-    def _settle(self, trial: Any, state: JobState) -> None:
-        tid, job = trial["trial_id"], trial["job_id"]
+    def _settle(self, trial: Trial, state: JobState) -> None:
+        tid, job = trial.trial_id, trial.job_id
         rerun = state in (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.UNKNOWN)
-        if rerun and trial["submissions"] < MAX_SUBMISSIONS:
+        if rerun and trial.submissions < MAX_SUBMISSIONS:
             why = "vanished" if state is JobState.UNKNOWN else state.value
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
             self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
@@ -309,7 +307,7 @@ class Search:
         status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(
             state, Status.CRASHED
         )
-        log_path = Path(trial["trial_dir"]) / TRAIN_LOG
+        log_path = Path(trial.trial_dir) / TRAIN_LOG
         self.ledger.record_results([Result(
             tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job),
             reason=f"job {job} ended ({state.value}) without writing a result",
@@ -322,7 +320,7 @@ class Search:
 
     def interrupted(self) -> None:
         """Ctrl-C: ask before cancelling what runs; without a terminal, leave it running."""
-        running = [t for t in self.ledger.open_trials() if t["job_id"]]
+        running = [t for t in self.ledger.open_trials() if t.job_id]
         if not running:
             return
         answer = "n"

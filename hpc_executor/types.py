@@ -55,14 +55,17 @@ class Patch:
 
 @dataclass
 class Trial:
-    """One execution of one patch on the cluster."""
+    """One execution of one patch, as the ledger tracks it from creation to its result."""
 
     trial_id: str
     idea_id: str
+    epoch: int
     trial_dir: str
-    env_name: str
-    baseline_hash: str
-    seed: int = 0
+    state: str = "pending"  # pending (not submitted), queued, running, done
+    job_id: str | None = None  # scheduler job id, "<array job>_<index>" on Slurm
+    array_index: int | None = None
+    job_state: str | None = None  # last JobState seen (pending, running, completed, timeout, ...)
+    submissions: int = 0  # a vanished or preempted job is resubmitted, at most once
 
 
 @dataclass
