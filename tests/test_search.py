@@ -176,3 +176,19 @@ def test_multirun_gives_each_search_its_own_directory(tmp_path: Path) -> None:
     runs = analysis.run_dirs(tmp_path / "multirun")
     assert [r.name for r in runs] == ["0-quick-offline-evolution-seed0", "1-quick-offline-evolution-seed1"]
     assert all(len(ledger_module.load(r)["results"]) == 4 for r in runs)
+
+
+def test_ctrl_c_without_a_terminal_leaves_trials_running_for_the_next_driver(tmp_path: Path) -> None:
+    args = ("+env=quick", "+model=offline", "strategy.epochs=1", "+env.extra_env.QUICK_SLEEP_S=3")
+    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    run_dir = tmp_path / RUN
+    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 130
+    assert "left" in out and "hpc_executor.cancel" in out and "Traceback" not in out
+    proc = run_search(*args, cwd=tmp_path)
+    assert proc.returncode == 0
+    frames = ledger_module.load(run_dir)
+    assert len(frames["results"]) == 4 and (frames["trials"].submissions <= 1).all()
