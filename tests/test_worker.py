@@ -146,36 +146,25 @@ def test_timeout_result(tmp_path: Path) -> None:
     assert "hard limit" in result.reason
 
 
-def test_crash_result_carries_the_log_tail(tmp_path: Path) -> None:
-    diff = textwrap.dedent("""\
-        --- a/train.py
-        +++ b/train.py
-        @@ -8,2 +8,3 @@
-         import params
-        +raise RuntimeError("boom from the idea")
-         x = 1
-    """).replace(" x = 1", " ")
-    trial_dir = make_trial(tmp_path, diff)
-    run_trial(str(trial_dir))
-    result = result_of(trial_dir)
-    assert result.status is Status.CRASHED, result.reason
-    assert "boom from the idea" in result.log_tail
+def training_line_diff(line: str) -> str:
+    """A diff that adds one line to train.py right after `import params`."""
+    return f"--- a/train.py\n+++ b/train.py\n@@ -8,2 +8,3 @@\n import params\n+{line}\n \n"
 
 
-def test_tampering_with_a_protected_file_at_run_time_is_invalid(tmp_path: Path) -> None:
-    diff = textwrap.dedent("""\
-        --- a/train.py
-        +++ b/train.py
-        @@ -8,2 +8,3 @@
-         import params
-        +open("evaluate.py", "a").write("\\n# tampered\\n")
-         x = 1
-    """).replace(" x = 1", " ")
-    trial_dir = make_trial(tmp_path, diff)
+@pytest.mark.parametrize(
+    ("line", "status", "where", "text"),
+    [
+        ('raise RuntimeError("boom from the idea")', Status.CRASHED, "log_tail", "boom from the idea"),
+        ('open("evaluate.py", "a").write("# tampered")', Status.INVALID_RESULT, "reason", "evaluate.py"),
+    ],
+    ids=["crash-keeps-log-tail", "tampered-protected-file"],
+)
+def test_failing_trials_say_why(tmp_path: Path, line: str, status: Status, where: str, text: str) -> None:
+    trial_dir = make_trial(tmp_path, training_line_diff(line))
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
-    assert result.status is Status.INVALID_RESULT
-    assert "evaluate.py" in result.reason
+    assert result.status is status, result.reason
+    assert text in getattr(result, where)
 
 
 def test_a_diff_to_a_protected_file_is_rejected_by_the_worker_too(tmp_path: Path) -> None:
