@@ -31,18 +31,37 @@ def captured(name: str) -> str:
     return "\n".join(line for line in (DATA / name).read_text().splitlines() if not line.startswith("#"))
 
 
+def job(name: str) -> str:
+    """The id of a sample job, by its name in jobs.txt (slurm/capture-samples.sh writes both)."""
+    ids = dict(line.split("=") for line in captured("jobs.txt").split())
+    return ids[name]
+
+
 def test_sacct_states_of_finished_jobs() -> None:
     states = parse_sacct(captured("sacct_allocations.txt"))
-    assert states["1_0"] is JobState.COMPLETED and states["11"] is JobState.COMPLETED
-    assert states["12"] is JobState.TIMEOUT
-    assert states["14"] is JobState.FAILED
-    assert states["17"] is JobState.CANCELLED  # "CANCELLED by 0"
+    assert states[f"{job('array')}_0"] is JobState.COMPLETED and states[job("gpu8")] is JobState.COMPLETED
+    assert states[job("timeout")] is JobState.TIMEOUT
+    assert states[job("failed")] is states[job("signaled")] is JobState.FAILED
+    assert states[job("cancelled_running")] is states[job("cancelled_pending")] is JobState.CANCELLED  # "CANCELLED by 0"
+
+
+def test_sacct_history_of_requeued_preempted_and_failed_nodes() -> None:
+    """With -D every attempt is listed; the last one (the job's current state) wins."""
+    text = captured("sacct_duplicates.txt")
+    attempts = [line for line in text.splitlines() if line.startswith(f"{job('preempted')}|")]
+    assert parse_sacct(attempts[0] + "\n", fields="JobID,JobIDRaw,State")[job("preempted")] is JobState.PREEMPTED
+    node_fail = next(line for line in text.splitlines() if line.startswith(f"{job('node_fail')}|"))
+    assert parse_sacct(node_fail, fields="JobID,JobIDRaw,State")[job("node_fail")] is JobState.NODE_FAIL
+    requeued = next(line for line in text.splitlines() if line.startswith(f"{job('requeued')}|"))
+    assert parse_sacct(requeued, fields="JobID,JobIDRaw,State")[job("requeued")] is JobState.PENDING
+    assert parse_sacct(text)[job("requeued")] is JobState.COMPLETED
 
 
 def test_sacct_pending_array_ranges_expand_to_tasks() -> None:
     states = parse_sacct(captured("sacct_array_running.txt"))
-    assert [states[f"23_{i}"] for i in range(8)] == [JobState.RUNNING] * 8
-    assert states["23_8"] is states["23_9"] is JobState.PENDING
+    array = job("array")
+    assert [states[f"{array}_{i}"] for i in range(8)] == [JobState.RUNNING] * 8
+    assert states[f"{array}_8"] is states[f"{array}_9"] is JobState.PENDING
 
 
 def test_sacct_steps_and_garbage_are_ignored() -> None:
