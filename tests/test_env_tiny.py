@@ -106,7 +106,7 @@ def test_evaluator_flags_a_model_that_sees_the_future(data_dir: Path, tmp_path: 
     save_untrained(workspace, out)
     rc, metrics, stderr = evaluate(workspace, out, data_dir, tmp_path)
     assert rc == 0, stderr
-    assert metrics["causal"] is False
+    assert metrics["causal"] is False and "future tokens" in metrics["invalid_reason"]
 
 
 def test_evaluator_fails_clearly_without_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
