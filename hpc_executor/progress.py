@@ -40,7 +40,9 @@ class Progress:
     def final_table(self, rows: list[dict[str, Any]], run_dir: Path, top: int = 10) -> Table:
         """Best ideas first, then a summary of how the others ended."""
         ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["reward"])
-        table = Table(title=f"Best ideas of {_short(run_dir)}")
+        table = Table(
+            title=f"Best ideas of {_short(run_dir)}", caption=f"baseline reward {self.baseline:.4f}"
+        )
         for col in ("rank", "reward", "vs baseline", "epoch", "idea", "trial dir (patch.diff, train.log)"):
             table.add_column(col, overflow="fold")
         for rank, r in enumerate(ok[:top], 1):

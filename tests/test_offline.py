@@ -96,3 +96,13 @@ def test_exploit_refines_and_combines_winners(env: Environment) -> None:
 def test_labelled_as_a_scripted_stand_in(env: Environment, tmp_path: Path) -> None:
     assert "not an LLM" in offline().label
     assert "scripted stand-in" in implement(env, "crash")[1][0].response.text
+
+
+def test_when_the_catalog_is_exhausted_new_parameter_values_are_tried(env: Environment) -> None:
+    everything = ideator(env).propose("ideate", 6, [], seed="s").ideas
+    shown = [{"title": t, "description": d} for t, d in everything]
+    more = ideator(env).propose("ideate", 2, shown, seed="s").ideas
+    old = {frozenset(recipe_of(d)) for _, d in everything}
+    new = [frozenset(recipe_of(d)) for _, d in more]
+    assert len(new) == 2 and not set(new) & old
+    assert all(any(step.params for step in recipe) for recipe in new)

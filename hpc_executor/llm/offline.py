@@ -13,6 +13,7 @@ path of the system is exercised.
 from __future__ import annotations
 
 import difflib
+import itertools
 import random
 import re
 import tempfile
@@ -94,44 +95,64 @@ class OfflineLLM(LLM):
 
     def _fresh(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
                rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
-        tried = {s.entry_id for idea in shown for s in recipe_of(idea.get("description", ""))}
+        recipes = [recipe_of(idea.get("description", "")) for idea in shown]
+        tried = {s.entry_id for recipe in recipes for s in recipe}
         untried = [k for k in catalog if k not in tried]
         rng.shuffle(untried)
         picks = [[Step(k, self._default_params(catalog[k]))] for k in untried[:n]]
-        tunable = [k for k in catalog if catalog[k].get("params")]
-        while len(picks) < n and tunable:  # catalog exhausted: new parameter values of known ideas
-            picks.append([self._perturb(Step(rng.choice(tunable)), catalog, rng)])
+        if len(picks) < n:  # catalog exhausted: other parameter values of ideas tried before
+            seen = {frozenset(r) for r in recipes}
+            variants = [
+                v
+                for k in catalog
+                for v in self._perturbations([Step(k)], catalog)
+                if frozenset(v) not in seen
+            ]
+            rng.shuffle(variants)
+            picks += variants[: n - len(picks)]
         return picks
 
     def _exploit(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
                  rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
+        """Refine the winners, best first: new parameter values of one winner, or a combination of
+        two, taking turns among the winners. Never a recipe already shown; when nothing is left to
+        refine, fresh ideas fill the call."""
         winners = [recipe_of(i.get("description", "")) for i in shown]
         winners = [w for w in winners if w and all(s.entry_id in catalog for s in w)]
+        per_winner = []
+        for i, best in enumerate(winners):
+            options = self._perturbations(best, catalog)
+            rng.shuffle(options)
+            combos = [best + [s for s in other if s.entry_id not in {b.entry_id for b in best}]
+                      for other in winners[i + 1 :]]  # fmt: skip
+            # alternate refinements and combinations within each winner's list
+            per_winner.append([c for pair in itertools.zip_longest(options, combos) for c in pair if c])
+        seen = {frozenset(w) for w in winners}
         picks: list[list[Step]] = []
-        for k in range(n):
-            if not winners:
+        for candidate in (c for turn in itertools.zip_longest(*per_winner) for c in turn if c):
+            if len(picks) == n:
                 break
-            best = winners[k % len(winners)]
-            if k % 2 == 1 and len(winners) > 1:  # combine with another winner
-                other = rng.choice([w for w in winners if w is not best])
-                merged = best + [s for s in other if s.entry_id not in {b.entry_id for b in best}]
-                picks.append(merged)
-            else:
-                picks.append([self._perturb(s, catalog, rng) for s in best])
-        return picks or self._fresh(shown, catalog, rng, n)
+            if frozenset(candidate) not in seen:
+                seen.add(frozenset(candidate))
+                picks.append(candidate)
+        return picks + self._fresh(shown, catalog, rng, n - len(picks))
+
+    def _perturbations(self, recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> list[list[Step]]:
+        """The recipe with one parameter of one step set to another value of its range."""
+        variants = []
+        for i, step in enumerate(recipe):
+            space = catalog[step.entry_id].get("params") or {}
+            current = dict(step.params) or dict(self._default_params(catalog[step.entry_id]))
+            for name, values in sorted(space.items()):
+                for value in map(str, values):
+                    if value != current.get(name):
+                        changed = Step(step.entry_id, tuple(sorted({**current, name: value}.items())))
+                        variants.append([*recipe[:i], changed, *recipe[i + 1 :]])
+        return variants
 
     @staticmethod
     def _default_params(entry: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         return tuple((k, str(v[0])) for k, v in (entry.get("params") or {}).items())
-
-    def _perturb(self, step: Step, catalog: dict[str, dict[str, Any]], rng: random.Random) -> Step:
-        space = catalog[step.entry_id].get("params") or {}
-        if not space:
-            return step
-        params = dict(step.params) or dict(self._default_params(catalog[step.entry_id]))
-        name = rng.choice(sorted(space))
-        params[name] = str(rng.choice([str(v) for v in space[name]]))
-        return Step(step.entry_id, tuple(sorted(params.items())))
 
     @staticmethod
     def _idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
