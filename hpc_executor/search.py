@@ -347,12 +347,8 @@ class Search:
         if r.error:
             log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)
         if role == "implementer" and call.request.purpose == "revise":
-            log.info(
-                "%s: revision %s after: %s",
-                call.call_id,
-                call.call_id[-1],
-                call.request.context["error"][:200],
-            )
+            error = " | ".join(call.request.context["error"].splitlines())
+            log.info("%s: asked for a revision after: %s", call.call_id, error[:300])
 
     def _show(self, epoch: int) -> None:
         rows = self.ledger.outcomes(until_epoch=epoch)
