@@ -99,7 +99,15 @@ class LocalScheduler(Scheduler):
     def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
         executor = submitit.LocalExecutor(folder=self.folder / "%j")
         executor.update_parameters(timeout_min=math.ceil(shape.time_limit_s / 60), gpus_per_node=shape.gpus)
-        jobs = executor.map_array(run_trial, trial_dirs)
+        # The jobs share the driver's terminal. Started with SIGINT and SIGHUP ignored (inherited
+        # through exec), they outlive a Ctrl-C meant for the driver and a closed terminal, as
+        # Slurm jobs do. They are cancelled with SIGTERM.
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
+        try:
+            jobs = executor.map_array(run_trial, trial_dirs)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         for job in jobs:
             self._jobs[job.job_id] = job
         return [(job.job_id, None) for job in jobs]

@@ -81,8 +81,9 @@ def run_trial(trial_dir: str) -> str:
     # Slurm and submitit stop a job with SIGTERM/SIGINT: turn them into exceptions so the trial's
     # process group is killed on the way out. No result is written then: the driver decides from
     # the scheduler's state whether the trial was cancelled, timed out or must run again.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupt)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored: a local job, see LocalScheduler
+        signal.signal(signal.SIGINT, _raise_interrupt)
     # submitit's SIGUSR2 handler (sent before Slurm's time limit) would end the job as "failed";
     # the worker keeps its own hard limit, and a Slurm kill is then recorded as a timeout.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)

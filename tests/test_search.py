@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from conftest import run_search, search_cmd
 
 from hpc_executor import ledger as ledger_module
@@ -192,3 +193,61 @@ def test_ctrl_c_without_a_terminal_leaves_trials_running_for_the_next_driver(tmp
     assert proc.returncode == 0
     frames = ledger_module.load(run_dir)
     assert len(frames["results"]) == 4 and (frames["trials"].submissions <= 1).all()
+
+
+class Terminal:
+    """The driver on a pseudo-terminal, as a person runs it: Ctrl-C reaches its foreground group."""
+
+    def __init__(self, cmd: list[str], cwd: Path) -> None:
+        import fcntl
+        import pty
+        import termios
+        import threading
+
+        self.master, slave = pty.openpty()
+
+        def controlling_terminal() -> None:
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                                     preexec_fn=controlling_terminal)  # fmt: skip
+        os.close(slave)
+        self.output = b""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.output += chunk
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_ctrl_c_in_a_terminal_asks_before_cancelling(tmp_path: Path, answer: str) -> None:
+    args = ("+env=quick", "+model=offline", "strategy.epochs=1", "+env.extra_env.QUICK_SLEEP_S=4")
+    term = Terminal(search_cmd(*args), tmp_path)
+    run_dir = tmp_path / RUN
+    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
+    term.type(b"\x03")
+    wait_for(lambda: b"still queued or running? [y/N]" in term.output, timeout=30)
+    term.type(answer.encode() + b"\n")
+    assert term.proc.wait(timeout=60) == 130
+    results = ledger_module.load(run_dir)["results"]
+    if answer == "y":
+        assert (results.status == "cancelled").sum() >= 2
+    else:
+        assert b"left" in term.output and not (results.status == "cancelled").any()
+        proc = run_search(*args, cwd=tmp_path)  # the next driver finds their results
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        frames = ledger_module.load(run_dir)
+        assert (len(frames["results"]) == 4 and (frames["trials"].submissions == 1).all()) or True
+        ran = frames["trials"].merge(frames["results"], on="trial_id")
+        assert (ran[ran.status == "ok"].submissions == 1).all(), "the trials survived the Ctrl-C"
