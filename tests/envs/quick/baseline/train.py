@@ -8,7 +8,7 @@ import time
 import params
 
 x, velocity = 5.0, 0.0
-for step in range(params.STEPS):
+for _ in range(params.STEPS):
     grad = 2 * (x - 1.0)
     velocity = params.MOMENTUM * velocity - params.LEARNING_RATE * grad
     x += velocity
