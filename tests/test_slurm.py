@@ -42,14 +42,18 @@ def test_sacct_states_of_finished_jobs() -> None:
     assert states[f"{job('array')}_0"] is JobState.COMPLETED and states[job("gpu8")] is JobState.COMPLETED
     assert states[job("timeout")] is JobState.TIMEOUT
     assert states[job("failed")] is states[job("signaled")] is JobState.FAILED
-    assert states[job("cancelled_running")] is states[job("cancelled_pending")] is JobState.CANCELLED  # "CANCELLED by 0"
+    assert (
+        states[job("cancelled_running")] is states[job("cancelled_pending")] is JobState.CANCELLED
+    )  # "CANCELLED by 0"
 
 
 def test_sacct_history_of_requeued_preempted_and_failed_nodes() -> None:
     """With -D every attempt is listed; the last one (the job's current state) wins."""
     text = captured("sacct_duplicates.txt")
     attempts = [line for line in text.splitlines() if line.startswith(f"{job('preempted')}|")]
-    assert parse_sacct(attempts[0] + "\n", fields="JobID,JobIDRaw,State")[job("preempted")] is JobState.PREEMPTED
+    assert (
+        parse_sacct(attempts[0] + "\n", fields="JobID,JobIDRaw,State")[job("preempted")] is JobState.PREEMPTED
+    )
     node_fail = next(line for line in text.splitlines() if line.startswith(f"{job('node_fail')}|"))
     assert parse_sacct(node_fail, fields="JobID,JobIDRaw,State")[job("node_fail")] is JobState.NODE_FAIL
     requeued = next(line for line in text.splitlines() if line.startswith(f"{job('requeued')}|"))
