@@ -8,6 +8,7 @@ job ids, which the ledger keeps.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import logging
 import math
@@ -127,10 +128,10 @@ class LocalScheduler(Scheduler):
 
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
-            try:
-                os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
-            except (ProcessLookupError, ValueError):
-                continue
+            # a pid outlives its process: only signal it while it is still a submitit job
+            if job_id.isdigit() and _is_submitit_process(int(job_id)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
 
 
 def _is_submitit_process(pid: int) -> bool:

@@ -46,6 +46,7 @@ log = logging.getLogger("hpc_executor.search")
 CONF_DIR = REPO_ROOT / "conf"
 IDEATION_ATTEMPTS = 3  # calls per group of empty slots before the epoch goes on without them
 MAX_SUBMISSIONS = 2  # a trial whose job vanished or was preempted runs again, once
+MAY_COME_BACK = (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.UNKNOWN)
 BASELINE_ID = "baseline"
 
 
@@ -270,7 +271,9 @@ class Search:
             if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
                 self._waiting_since.pop(tid, None)
                 continue  # alive, or done and the next poll ingests its result
-            grace = sched.vanished_grace_s if state is JobState.UNKNOWN else sched.result_grace_s
+            # a preempted or node-failed job is usually requeued by Slurm itself: give it the time
+            # to come back (its state then turns pending and this clock restarts) before acting
+            grace = sched.vanished_grace_s if state in MAY_COME_BACK else sched.result_grace_s
             if now - self._waiting_since.setdefault(tid, now) >= grace:
                 del self._waiting_since[tid]
                 self._settle(t, state)
@@ -298,10 +301,10 @@ class Search:
 
     def _settle(self, trial: Trial, state: JobState) -> None:
         tid, job = trial.trial_id, trial.job_id
-        rerun = state in (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.UNKNOWN)
-        if rerun and trial.submissions < MAX_SUBMISSIONS:
+        if state in MAY_COME_BACK and trial.submissions < MAX_SUBMISSIONS:
             why = "vanished" if state is JobState.UNKNOWN else state.value
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
+            self.scheduler.cancel([job])  # should it come back after all, it must not run twice
             self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
             return
         status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(

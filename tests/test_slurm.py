@@ -337,3 +337,19 @@ def test_sweep_puts_the_search_drivers_themselves_on_slurm(tmp_path: Path) -> No
     for run in runs:
         assert len(ledger_module.load(run)["results"]) == 4
     assert list((tmp_path / "multirun").rglob(".submitit")), "the drivers ran as Slurm jobs"
+
+
+@slurm
+def test_a_preempted_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> None:
+    """A higher-priority job (partition urgent) takes the node: the trial is requeued and reruns."""
+    runs = tmp_path / "runs.log"
+    driver = start_driver(tmp_path, "env.resources.gpus=8", "env.hard_limit_s=60", "+env.extra_env.QUICK_SLEEP_S=8",
+                          f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
+    job = running_job(tmp_path)
+    wait_for(lambda: runs.exists(), what="the first run to start training")
+    subprocess.run(["sbatch", "-p", "urgent", "--gpus=8", "-J", "preemptor", "--wrap", "sleep 2"], check=True,
+                   capture_output=True)  # fmt: skip
+    assert driver.wait(timeout=240) == 0
+    assert len(runs.read_text().split()) == 2, "the trial ran again after it was preempted"
+    assert only_result(tmp_path)["status"] == "ok"
+    assert trial_row(tmp_path / RUN)["job_id"] == job and trial_row(tmp_path / RUN)["submissions"] == 1
