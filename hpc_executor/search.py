@@ -87,7 +87,9 @@ class Search:
                     f"{self.run_dir} belongs to a run with {key}={recorded}, not {value}; resume it with its "
                     f"original settings, or start a new run with run_name=<new name>."
                 )
-        self.ledger.set_meta("config", OmegaConf.to_yaml(self.cfg, resolve=True))
+        config = OmegaConf.to_yaml(self.cfg, resolve=True)
+        self.ledger.set_meta("config", config)
+        self.config_hash = hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def baseline_reward(self) -> float:
         """The measured baseline when this run has one, else the environment's recorded value."""
@@ -95,6 +97,24 @@ class Search:
             if row["kind"] == "baseline" and row["status"] == "ok":
                 return float(row["reward"])
         return float(self.cfg.env.reward.baseline)
+
+    def plan(self) -> str:
+        """What this run will do, for check_only."""
+        s, shape = self.cfg.strategy, self.shape
+        exploit = getattr(self.strategy, "exploit_count", lambda e: 0)
+        lines = [
+            f"run directory  {self.run_dir}",
+            f"environment    {self.env.name} ({self.env.baseline_dir}), baseline hash {self.env.baseline_hash()}",
+            f"ideator        {self.ideator_llm.label}",
+            f"implementer    {self.implementer_llm.label}, {self.cfg.model.samples} samples x "
+            f"{self.cfg.model.revisions} revisions",
+            f"strategy       {s.name}: {s.epochs} epochs x {s.batch_size} ideas, calls of {s.call_size}; "
+            f"exploit slots per epoch {[exploit(e) for e in range(s.epochs)]}",
+            f"trials         {shape.gpus} GPUs, {shape.cpus} CPUs, {shape.mem_gb} GB each; budget "
+            f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
+            "check_only: preflight passed, nothing was run",
+        ]
+        return "\n".join(lines)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -199,7 +219,7 @@ class Search:
                     "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.env.baseline_hash(),
                     "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
                     "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
-                    "seed": self.cfg.seed, "run_dir": str(self.run_dir),
+                    "seed": self.cfg.seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,
                 },
             ).write()  # fmt: skip
             self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
@@ -437,7 +457,11 @@ def _hydra_main(cfg: DictConfig) -> None:
             return
         search = Search(cfg, run_dir)
         if cfg.check_only:
-            log.info("check_only: configuration and preflight are fine; nothing was run")
+            print(search.plan())
+            if not search.ledger.ideas():  # a run that never started leaves nothing behind
+                search.ledger.close()
+                (run_dir / "ledger.sqlite").unlink()
+                _remove_if_untouched(run_dir)
             return
         search.run()
     except HpcExecutorError as exc:

@@ -99,3 +99,15 @@ def test_grpo_with_opus_and_no_key_stops_before_any_work(tmp_path: Path) -> None
     assert "ANTHROPIC_API_KEY" in proc.stderr
     assert "data missing" in proc.stderr and "prepare_data.py" in proc.stderr
     assert not (tmp_path / "outputs").exists(), "a run that never started leaves no directory"
+
+
+def test_check_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
+    proc = run_cli("+env=tiny", "+model=offline", "check_only=true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 epochs x 4 ideas" in proc.stdout and "exploit slots per epoch [0, 2, 2]" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_explains_the_command() -> None:
+    proc = run_cli("--help", cwd=Path.cwd())
+    assert "+env=ENV +model=MODEL" in proc.stdout and "scripted stand-in" in proc.stdout
