@@ -347,7 +347,7 @@ def test_a_preempted_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> No
                           f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
     job = running_job(tmp_path)
     wait_for(lambda: runs.exists(), what="the first run to start training")
-    subprocess.run(["sbatch", "-p", "urgent", "--gpus=8", "-J", "preemptor", "--wrap", "sleep 2"], check=True,
+    subprocess.run(["sbatch", "-p", "urgent", "--gpus=8", "-J", "preemptor", "-o", "/dev/null", "--wrap", "sleep 2"], check=True,
                    capture_output=True)  # fmt: skip
     assert driver.wait(timeout=240) == 0
     assert len(runs.read_text().split()) == 2, "the trial ran again after it was preempted"
