@@ -74,7 +74,8 @@ def score(outputs: list[str], answers: list[str]) -> StepScore:
 
 
 def evaluate(output_dir: Path, data_dir: Path) -> dict:
-    """Metrics for every eval file in output_dir; raises SystemExit when nothing can be evaluated."""
+    """Metrics for every eval file in output_dir. Raises SystemExit when training wrote nothing to
+    evaluate; returns an ``invalid_reason`` (the worker's invalid_result) when nothing it wrote is valid."""
     answers = load_answers(data_dir)
     files = sorted(output_dir.glob("eval_step_*.jsonl"))
     if not files:
@@ -94,8 +95,8 @@ def evaluate(output_dir: Path, data_dir: Path) -> dict:
             scores[int(match.group(1))] = score(read_outputs(path, len(answers)), answers)
         except InvalidEvalFile as exc:
             invalid[path.name] = str(exc)
-    if not scores:
-        raise SystemExit(f"no valid eval file: {json.dumps(invalid)}")
+    if not scores:  # evaluations were written, none as the protocol asks: no reward, and why
+        return {"invalid_reason": f"no valid eval file: {json.dumps(invalid)}", "invalid_steps": invalid}
     return {
         "best_eval_accuracy": max(s.accuracy for s in scores.values()),
         "accuracy_by_step": {str(k): scores[k].accuracy for k in sorted(scores)},
