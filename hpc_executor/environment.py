@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
 from hpc_executor.config import EnvConfig
@@ -144,18 +145,22 @@ class Environment:
         return problems
 
     def prepare(self) -> None:
-        """Run the data-prep command when data is missing and the environment allows it."""
+        """Run the data-prep command when data is missing and the environment allows it. A file lock
+        keeps drivers of a sweep that start together from writing the same files at once."""
         if not self.missing_data() or not (self.cfg.auto_prepare and self.cfg.prepare_command):
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.trial_env(seed=0)}
-        proc = subprocess.run(
-            self.command(self.cfg.prepare_command),
-            cwd=self.baseline_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{self.data_dir}.lock"):
+            if not self.missing_data():  # another driver prepared it while we waited
+                return
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.run(
+                self.command(self.cfg.prepare_command),
+                cwd=self.baseline_dir,
+                env={**os.environ, **self.trial_env(seed=0)},
+                capture_output=True,
+                text=True,
+            )
         if proc.returncode != 0 or self.missing_data():
             raise PreflightError(
                 f"env {self.name}: preparing data in {self.data_dir} failed (exit {proc.returncode}):\n"

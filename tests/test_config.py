@@ -111,3 +111,22 @@ def test_check_only_prints_the_plan_and_leaves_nothing(tmp_path: Path) -> None:
 def test_help_explains_the_command() -> None:
     proc = run_cli("--help", cwd=Path.cwd())
     assert "+env=ENV +model=MODEL" in proc.stdout and "scripted stand-in" in proc.stdout
+
+
+def test_auto_prepare_builds_missing_data_once(tmp_path: Path) -> None:
+    env = Environment(composed("+env=tiny", "+model=offline", f"env.data_dir={tmp_path / 'data'}").env)
+    assert env.missing_data() == ["train.bin", "val.bin", "meta.json"]
+    env.prepare()
+    assert env.missing_data() == []
+    before = (tmp_path / "data" / "train.bin").stat().st_mtime_ns
+    env.prepare()  # nothing missing: nothing rebuilt
+    assert (tmp_path / "data" / "train.bin").stat().st_mtime_ns == before
+
+
+def test_a_failing_data_prep_says_why(tmp_path: Path) -> None:
+    from hpc_executor.errors import PreflightError
+
+    cfg = composed("+env=tiny", "+model=offline", f"env.data_dir={tmp_path / 'data'}").env
+    cfg.prepare_command = ["{python}", "-c", "raise SystemExit('no disk space')"]
+    with pytest.raises(PreflightError, match="no disk space"):
+        Environment(cfg).prepare()
