@@ -19,9 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / "environments" / "tiny"
 BASELINE = ENV_DIR / "baseline"
 CONF = yaml.safe_load((REPO / "conf" / "env" / "tiny.yaml").read_text())["env"]
-CATALOG = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
-EXPECTS = {"improves", "neutral", "worse", "crash", "timeout", "invalid", "tamper", "rejected", "apply_fail"}
-CATEGORIES = {"architecture", "optimizer", "schedule", "regularization", "data", "other"}
 
 
 def run_script(script: str, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -140,74 +137,3 @@ def test_baseline_trial_round_trip(data_dir: Path, tmp_path: Path) -> None:
 
 
 # ---- the catalog ---------------------------------------------------------------------------------
-
-
-def fill_params(diff: str, entry: dict) -> str:
-    for name, values in (entry.get("params") or {}).items():
-        diff = diff.replace(f"<<{name}>>", str(values[0]))
-    return diff
-
-
-def git_apply_check(diff: str, tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    """`git apply --check` in a fresh copy of baseline/ outside any repository: inside one, git
-    would resolve paths against the repository root and silently skip the baseline's files."""
-    workspace = tmp_path / "workspace"
-    if not workspace.exists():
-        shutil.copytree(BASELINE, workspace)
-    patch = tmp_path / "patch.diff"
-    patch.write_text(diff)
-    env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path)}
-    return subprocess.run(
-        ["git", "apply", "--check", *flags, str(patch)],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-
-
-def diff_paths(diff: str) -> list[str]:
-    return [
-        line.split(maxsplit=1)[1].split("/", 1)[1]
-        for line in diff.splitlines()
-        if line.startswith(("--- ", "+++ "))
-    ]
-
-
-def test_catalog_shape() -> None:
-    ids = [entry["id"] for entry in CATALOG]
-    assert len(ids) == len(set(ids))
-    for entry in CATALOG:
-        assert {"id", "title", "description", "category", "diff", "expect"} <= set(entry), entry["id"]
-        assert entry["expect"] in EXPECTS and entry["category"] in CATEGORIES, entry["id"]
-        assert re.fullmatch(r"[a-z][a-z0-9_]*", entry["id"])
-        declared = set(entry.get("params") or {})
-        for key in ("diff", "revised_diff"):
-            used = set(re.findall(r"<<(\w+)>>", entry.get(key, "")))
-            assert used <= declared, (entry["id"], used - declared)
-        assert all(entry.get("diff", "").count(f"<<{name}>>") for name in declared), entry["id"]
-    expects = [entry["expect"] for entry in CATALOG]
-    assert expects.count("improves") >= 7 and expects.count("rejected") >= 2
-    assert {"crash", "timeout", "invalid", "tamper", "apply_fail"} <= set(expects)
-    assert sum(bool(entry.get("miscounted_header")) for entry in CATALOG) >= 3
-
-
-@pytest.mark.parametrize("entry", CATALOG, ids=[entry["id"] for entry in CATALOG])
-def test_catalog_diff_applies_as_expected(entry: dict, tmp_path: Path) -> None:
-    diff = fill_params(entry["diff"], entry)
-    paths = diff_paths(diff)
-    if entry["expect"] == "rejected":
-        protected = set(CONF["protected"])
-        assert any(path in protected or ".." in Path(path).parts for path in paths), paths
-        return
-    assert all(path in CONF["editable"] for path in paths), paths
-    if entry["expect"] == "apply_fail":
-        assert git_apply_check(diff, tmp_path, "--recount").returncode != 0
-        revised = git_apply_check(fill_params(entry["revised_diff"], entry), tmp_path)
-        assert revised.returncode == 0, revised.stderr
-        return
-    if entry.get("miscounted_header"):
-        # Really miscounted: only recounting the hunk lines makes it apply.
-        assert git_apply_check(diff, tmp_path).returncode != 0
-    result = git_apply_check(diff, tmp_path, "--recount")
-    assert result.returncode == 0, result.stderr
