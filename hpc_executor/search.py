@@ -246,13 +246,13 @@ class Search:
                 )
                 next_query = time.monotonic() + query_interval
                 changed += asked
-            dispatched = self._dispatch()
-            if changed or dispatched:
+            changed += self._dispatch()
+            if changed:  # the progress line and a prompt scheduler query only when something happened
                 query_interval, next_query = (
                     sched.poll_interval_s,
                     min(next_query, time.monotonic() + query_interval),
                 )
-            self._show(epoch)
+                self._show(epoch)
             if not self.ledger.open_trials():
                 return
             time.sleep(sched.result_poll_s)
