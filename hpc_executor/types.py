@@ -64,7 +64,7 @@ class Trial:
     state: str = "pending"  # pending (not submitted), queued, running, done
     job_id: str | None = None  # scheduler job id, "<array job>_<index>" on Slurm
     array_index: int | None = None
-    job_state: str | None = None  # last JobState seen (pending, running, completed, timeout, ...)
+    job_state: str | None = None  # last JobState seen while the trial was open (pending, running, ...)
     submissions: int = 0  # a vanished or preempted job is resubmitted, at most once
 
 

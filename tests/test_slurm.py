@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -352,4 +353,7 @@ def test_a_preempted_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> No
     assert driver.wait(timeout=240) == 0
     assert len(runs.read_text().split()) == 2, "the trial ran again after it was preempted"
     assert only_result(tmp_path)["status"] == "ok"
-    assert trial_row(tmp_path / RUN)["job_id"] == job and trial_row(tmp_path / RUN)["submissions"] == 1
+    row = trial_row(tmp_path / RUN)
+    assert row["job_id"] == job and row["submissions"] == 1
+    assert row["node"] == socket.gethostname() and row["gpus"] == "0,1,2,3,4,5,6,7"
+    assert row["job_state"] in ("running", "completed"), "the last state seen while the trial was open"
