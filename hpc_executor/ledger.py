@@ -93,8 +93,12 @@ class Ledger:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row["value"] if row else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Record ``value`` under ``key``; None removes the key."""
+        if value is None:
+            self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- writes ------------------------------------------------------------------------------
     def add_llm_call(self, call_id: str, **fields: Any) -> None:

@@ -59,7 +59,7 @@ class Search:
         self.env.prepare()
         self.ledger = Ledger(run_dir, create=True)
         self._check_same_run()
-        self.ledger.db.execute("DELETE FROM meta WHERE key = ?", (CANCELLED_META,))  # running again resumes
+        self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.ideator_llm = make_llm(spec_from_config(cfg.model.ideator))
         self.implementer_llm = make_llm(spec_from_config(cfg.model.implementer))
         # The clients hold their keys now; nothing this process starts may inherit them.
@@ -101,7 +101,6 @@ class Search:
     def plan(self) -> str:
         """What this run will do, for check_only."""
         s, shape = self.cfg.strategy, self.shape
-        exploit = getattr(self.strategy, "exploit_count", lambda e: 0)
         lines = [
             f"run directory  {self.run_dir}",
             f"environment    {self.env.name} ({self.env.baseline_dir}), baseline hash {self.env.baseline_hash()}",
@@ -109,7 +108,7 @@ class Search:
             f"implementer    {self.implementer_llm.label}, {self.cfg.model.samples} samples x "
             f"{self.cfg.model.revisions} revisions",
             f"strategy       {s.name}: {s.epochs} epochs x {s.batch_size} ideas, calls of {s.call_size}; "
-            f"exploit slots per epoch {[exploit(e) for e in range(s.epochs)]}",
+            f"exploit slots per epoch {[self.strategy.exploit_count(e) for e in range(s.epochs)]}",
             f"trials         {shape.gpus} GPUs, {shape.cpus} CPUs, {shape.mem_gb} GB each; budget "
             f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
             "check_only: preflight passed, nothing was run",

@@ -33,6 +33,10 @@ class Strategy:
     def plan(self, epoch: int) -> list[Slot]:
         return [Slot(i, "ideate") for i in range(self.cfg.batch_size)]
 
+    def exploit_count(self, epoch: int) -> int:
+        """Slots of this epoch that refine earlier winners."""
+        return 0
+
     def shown(
         self, purpose: str, epoch: int, history: list[dict[str, Any]], baseline: float
     ) -> list[dict[str, Any]]:
