@@ -215,7 +215,7 @@ class Search:
                 keep_workspace=self.cfg.keep_workspaces,
                 isolate_pids=self.cfg.isolate_pids,
                 provenance={
-                    "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.env.baseline_hash(),
+                    "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
                     "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
                     "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
                     "seed": self.cfg.seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,

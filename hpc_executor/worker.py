@@ -122,6 +122,10 @@ class TrialRunner:
                 shutil.rmtree(self.evaluator, ignore_errors=True)
 
     def _run(self) -> Result:
+        changed = self._baseline_changed()
+        if changed:  # an earlier trial, or a person, edited the environment after the run started
+            return self._result(Status.CRASHED, reason=f"{changed} since the run started; restore it, or start a "
+                                "new run (run_name=...) on the new baseline")  # fmt: skip
         copy_baseline(self.env.baseline_dir, self.workspace)
         diff = (self.dir / DIFF_FILE).read_text() if (self.dir / DIFF_FILE).exists() else ""
         if diff.strip():
@@ -146,6 +150,12 @@ class TrialRunner:
             )
         if train.returncode != 0:
             return self._result(Status.CRASHED, reason=f"training exited with code {train.returncode}")
+        # The trial runs as the user and could have written to the environment itself; the
+        # evaluator is copied from there, so it must still be the baseline this run started from.
+        changed = self._baseline_changed()
+        if changed:
+            return self._result(Status.INVALID_RESULT, reason=f"{changed} during the run: its frozen evaluator "
+                                "cannot be trusted; restore it (git checkout)")  # fmt: skip
         tampered = self._tampered_protected_files()
         if tampered:
             return self._result(
@@ -179,6 +189,16 @@ class TrialRunner:
         if outcome.reward is None:
             return self._result(Status.INVALID_RESULT, reason=outcome.problem, metrics=metrics, log=EVAL_LOG)
         return self._result(Status.OK, reward=outcome.reward, metrics=metrics)
+
+    def _baseline_changed(self) -> str:
+        """Why the environment's baseline is not the one this trial was created for, or ""."""
+        expected = self.spec.provenance.get("baseline_hash")
+        found = self.env.baseline_hash()
+        if expected and found != expected:
+            return (
+                f"the environment's baseline in {self.env.baseline_dir} changed (hash {expected} -> {found})"
+            )
+        return ""
 
     def _tampered_protected_files(self) -> list[str]:
         changed = []

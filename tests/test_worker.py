@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,3 +233,34 @@ def processes_under(directory: Path) -> list[int]:
             if cwd.startswith(str(directory)) and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
+
+
+def test_a_trial_that_rewrites_the_environments_own_evaluator_is_invalid(tmp_path: Path) -> None:
+    """The pristine copy comes from the environment directory: writing there is caught by its hash."""
+    env_dir = tmp_path / "env"
+    shutil.copytree(quick_env_config()["dir"], env_dir)
+    from hpc_executor.environment import Environment
+
+    config = quick_env_config(dir=str(env_dir))
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    line = f'open("{env_dir}/baseline/evaluate.py", "a").write("# rewritten")'
+    (trial_dir / DIFF_FILE).write_text(training_line_diff(line))
+    TrialSpec(
+        "t1", str(trial_dir), config, provenance={"baseline_hash": Environment(config).baseline_hash()}
+    ).write()
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.INVALID_RESULT
+    assert "baseline in" in result.reason and "changed" in result.reason and "during the run" in result.reason
+
+
+def test_a_trial_created_for_another_baseline_does_not_run(tmp_path: Path) -> None:
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / DIFF_FILE).write_text("")
+    TrialSpec("t1", str(trial_dir), quick_env_config(), provenance={"baseline_hash": "0" * 16}).write()
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.CRASHED and "since the run started" in result.reason
+    assert not (trial_dir / "train.log").exists()
