@@ -70,9 +70,6 @@ class Environment:
     def policy(self) -> WorkspacePolicy:
         return WorkspacePolicy(editable=tuple(self.cfg.editable), protected=tuple(self.cfg.protected))
 
-    def policy_protects(self, rel: str) -> bool:
-        return path_matches(rel, list(self.cfg.protected))
-
     def baseline_files(self) -> list[str]:
         """Every regular file of the baseline, as sorted posix paths relative to it."""
         files = []

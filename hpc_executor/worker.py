@@ -106,9 +106,10 @@ class TrialRunner:
         self.evaluator = self.dir / "evaluator"
         self.output = self.dir / "output"
         self.started = time.monotonic()
+        self.where = where_am_i()  # once: it asks nvidia-smi
 
     def run(self) -> Result:
-        write_atomic(self.dir / STARTED_FILE, json.dumps(self._where(), sort_keys=True))
+        write_atomic(self.dir / STARTED_FILE, json.dumps(self.where, sort_keys=True))
         for d in (self.workspace, self.evaluator, self.output):
             shutil.rmtree(d, ignore_errors=True)  # leftovers of an attempt that was interrupted
         self.output.mkdir(parents=True)
@@ -203,7 +204,7 @@ class TrialRunner:
     def _tampered_protected_files(self) -> list[str]:
         changed = []
         for rel in self.env.baseline_files():
-            if self.env.policy_protects(rel) and file_digest(self.workspace / rel) != file_digest(
+            if self.env.policy.is_protected(rel) and file_digest(self.workspace / rel) != file_digest(
                 self.env.baseline_dir / rel
             ):
                 changed.append(rel)
@@ -228,20 +229,22 @@ class TrialRunner:
             log_path=str(log_path),
             log_tail=tail(log_path),
             reason=reason,
-            provenance=self.spec.provenance | self._where() | {"packages": package_versions()},
+            provenance=self.spec.provenance | self.where | {"packages": package_versions()},
         )
 
-    def _where(self) -> dict[str, Any]:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
-            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "gpu_type": gpu_type(),
-            "started_at": time.time(),
-        }
+
+def where_am_i() -> dict[str, Any]:
+    """Where and when this trial started: host, Slurm ids, GPUs."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_type": gpu_type(),
+        "started_at": time.time(),
+    }
 
 
 def copy_baseline(src: Path, dst: Path) -> None:

@@ -53,6 +53,8 @@ def test_baseline_trial_is_ok_with_reward_from_the_frozen_evaluator(tmp_path: Pa
     )
     assert "trained" in result.log_tail
     assert result.provenance["packages"]["python"]
+    started = json.loads((trial_dir / "started.json").read_text())
+    assert result.provenance["started_at"] == started["started_at"] < started["started_at"] + result.runtime_s
     assert [p.name for p in trial_dir.iterdir() if p.name.startswith(".")] == [], "no temp files left"
     assert not (trial_dir / "workspace").exists(), "workspaces are removed unless kept"
 
