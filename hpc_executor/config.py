@@ -9,6 +9,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from hpc_executor.llm.base import LLMSpec
+
 
 @dataclass
 class RewardConfig:
@@ -52,22 +54,12 @@ class EnvConfig:
 
 
 @dataclass
-class LLMConfig:
+class LLMConfig(LLMSpec):
+    """One role's model (see LLMSpec for every field), plus what only the ideator's prompts use."""
+
     provider: str = MISSING  # anthropic | openai | offline
     model: str = MISSING
-    temperature: float = 1.0
-    max_tokens: int = 10000
-    thinking_budget: int = 0  # Anthropic extended thinking (paper: 3000 epoch 0 and diffs)
-    thinking_budget_search: int = 0  # thinking budget for exploit/explore calls (paper: 1500)
-    reasoning_effort: str | None = None  # OpenAI Responses API (paper: "minimal" for gpt-5)
-    timeout_s: float = 600.0
-    max_retries: int = 6
-    backoff_s: float = 2.0
-    backoff_max_s: float = 60.0
-    price_in_per_mtok: float = 0.0  # USD per million tokens, for the cost column of the ledger
-    price_out_per_mtok: float = 0.0
-    base_url: str | None = None
-    api_key_env: str | None = None
+    thinking_budget_search: int = 0  # thinking budget for exploit/explore calls (paper: 1500; epoch 0: 3000)
 
 
 @dataclass
