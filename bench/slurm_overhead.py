@@ -47,6 +47,7 @@ def through_hpc_executor(root: Path, n: int) -> tuple[float, list[float]]:
     cfg.env = OmegaConf.merge(cfg.env, quick_env_config())
     run_dir = root / "hpcx"
     search = Search(cfg, run_dir)
+    search.open()
     for i in range(n):
         idea = Idea(f"e0-{i:03d}", 0, f"no-op {i}", "The baseline, unchanged.")
         search.ledger.add_idea(idea, slot=i)

@@ -56,10 +56,6 @@ class Search:
         self.run_dir = run_dir
         self.env = Environment(cfg.env)
         preflight(cfg, self.env)
-        self.env.prepare()
-        self.ledger = Ledger(run_dir, create=True)
-        self._check_same_run()
-        self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.ideator_llm = make_llm(spec_from_config(cfg.model.ideator))
         self.implementer_llm = make_llm(spec_from_config(cfg.model.implementer))
         # The clients hold their keys now; nothing this process starts may inherit them.
@@ -71,10 +67,17 @@ class Search:
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples,
                                        cfg.model.revisions, cfg.model.implementer.thinking_budget)  # fmt: skip
         self.shape = trial_shape(cfg)
-        self.progress = Progress(cfg.strategy.epochs, self.baseline_reward())
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
 
     # -- set-up --------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Prepare the data, and open (or create) the run's ledger, checking it is this run's."""
+        self.env.prepare()
+        self.ledger = Ledger(self.run_dir, create=True)
+        self._check_same_run()
+        self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
+        self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
+
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
                     "strategy": self.cfg.strategy.name, "batch_size": str(self.cfg.strategy.batch_size)}  # fmt: skip
@@ -102,7 +105,8 @@ class Search:
         """What this run will do, for check_only."""
         s, shape = self.cfg.strategy, self.shape
         lines = [
-            f"run directory  {self.run_dir}",
+            f"run directory  {self.run_dir}"
+            + (" (resumes it)" if (self.run_dir / "ledger.sqlite").exists() else ""),
             f"environment    {self.env.name} ({self.env.baseline_dir}), baseline hash {self.env.baseline_hash()}",
             f"ideator        {self.ideator_llm.label}",
             f"implementer    {self.implementer_llm.label}, {self.cfg.model.samples} samples x "
@@ -117,6 +121,7 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        self.open()
         s = self.cfg.strategy
         log.info(
             "run %s: env %s, strategy %s (%d epochs x %d ideas), ideator %s, implementer %s, scheduler %s",
@@ -457,10 +462,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         search = Search(cfg, run_dir)
         if cfg.check_only:
             print(search.plan())
-            if not search.ledger.ideas():  # a run that never started leaves nothing behind
-                search.ledger.close()
-                (run_dir / "ledger.sqlite").unlink()
-                _remove_if_untouched(run_dir)
+            _remove_if_untouched(run_dir)
             return
         search.run()
     except HpcExecutorError as exc:
