@@ -237,11 +237,22 @@ class Ledger:
             params = (until_epoch,)
         return [dict(r) for r in self.db.execute(q + " ORDER BY i.epoch, i.slot", params)]
 
-    def epoch_counts(self, epoch: int) -> dict[str, int]:
-        rows = self.db.execute(
-            "SELECT t.state, count(*) FROM trials t WHERE t.epoch = ? GROUP BY t.state", (epoch,)
-        ).fetchall()
-        return {r[0]: r[1] for r in rows}
+    def epoch_progress(self, epoch: int) -> dict[str, Any]:
+        """The counts of the progress line: this epoch's ideas (the baseline aside), how many have a
+        patch, its trials by state, and the best reward of any idea so far."""
+        ideas, implemented = self.db.execute(
+            "SELECT count(*), count(p.idea_id) FROM ideas i LEFT JOIN patches p USING (idea_id)"
+            " WHERE i.epoch = ? AND i.kind != 'baseline'",
+            (epoch,),
+        ).fetchone()
+        trials = dict(
+            self.db.execute("SELECT state, count(*) FROM trials WHERE epoch = ? GROUP BY state", (epoch,))
+        )
+        (best,) = self.db.execute(
+            "SELECT max(r.reward) FROM results r JOIN trials t USING (trial_id)"
+            " WHERE r.status = 'ok' AND t.idea_id != 'baseline'"
+        ).fetchone()
+        return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
 
     def frames(self) -> dict[str, pd.DataFrame]:
         frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", self.db) for t in TABLES}

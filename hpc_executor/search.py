@@ -243,32 +243,35 @@ class Search:
                     f"run {self.run_dir} was cancelled: {self.ledger.get_meta(CANCELLED_META)}"
                 )
             changed = self.ledger.poll()
+            open_trials = self.ledger.open_trials()
+            if not open_trials:
+                self._show(epoch)
+                return
             if time.monotonic() >= next_query:
-                asked = self._check_jobs([t for t in self.ledger.open_trials() if t.state != "pending"])
+                asked = self._check_jobs([t for t in open_trials if t.state != "pending"])
                 query_interval = (
                     sched.poll_interval_s if asked else min(query_interval * 1.5, sched.poll_interval_max_s)
                 )
                 next_query = time.monotonic() + query_interval
                 changed += asked
-            changed += self._dispatch()
+            changed += self._dispatch(open_trials)
             if changed:  # the progress line and a prompt scheduler query only when something happened
                 query_interval, next_query = (
                     sched.poll_interval_s,
                     min(next_query, time.monotonic() + query_interval),
                 )
                 self._show(epoch)
-            if not self.ledger.open_trials():
-                return
             time.sleep(sched.result_poll_s)
 
-    def _dispatch(self) -> int:
-        pending = [t for t in self.ledger.open_trials() if t.state == "pending"]
-        if not pending:
-            return 0
-        in_flight = len([t for t in self.ledger.open_trials() if t.state != "pending"])
+    def _dispatch(self, open_trials: list[Trial]) -> int:
+        """Submit pending trials, as one array, as far as the scheduler's capacity allows. A trial
+        settled by this poll's job check counts until the next poll: at worst one poll later."""
+        pending = sorted(
+            (t for t in open_trials if t.state == "pending"), key=lambda t: (t.epoch, t.trial_id)
+        )
         capacity = self.scheduler.capacity(self.shape)
-        room = len(pending) if capacity is None else max(0, capacity - in_flight)
-        batch = sorted(pending, key=lambda t: (t.epoch, t.trial_id))[:room]
+        room = len(pending) if capacity is None else max(0, capacity - (len(open_trials) - len(pending)))
+        batch = pending[:room]
         if not batch:
             return 0
         jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape)
@@ -378,12 +381,7 @@ class Search:
             log.info("%s: asked for a revision after: %s", call.call_id, error[:300])
 
     def _show(self, epoch: int) -> None:
-        rows = self.ledger.outcomes(until_epoch=epoch)
-        this = [r for r in rows if r["epoch"] == epoch and r["kind"] != "baseline"]
-        rewards = [r["reward"] for r in rows if r["status"] == "ok" and r["kind"] != "baseline"]
-        implemented = sum(1 for r in this if self.ledger.patch_for(r["idea_id"]) is not None)
-        self.progress.epoch_line(epoch, len(this), implemented, self.ledger.epoch_counts(epoch),
-                                 max(rewards) if rewards else None)  # fmt: skip
+        self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
 
 
 def trial_shape(cfg: DictConfig) -> Shape:

@@ -43,6 +43,12 @@ def test_ingesting_twice_changes_nothing(tmp_path: Path) -> None:
     frames = ledger.frames()
     assert len(frames["results"]) == 2
     assert sorted(frames["trials"].state) == ["done", "done", "pending"]
+    assert ledger.epoch_progress(0) == {
+        "ideas": 3,
+        "implemented": 3,
+        "trials": {"done": 2, "pending": 1},
+        "best": 1.0,
+    }
 
 
 def test_poll_only_reads_open_trials(tmp_path: Path) -> None:
