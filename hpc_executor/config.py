@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from hpc_executor.llm.base import LLMSpec
@@ -126,4 +125,6 @@ class SearchConfig:
 
 def register_configs() -> None:
     """The primary schema types every group's values (they are merged under its keys)."""
+    from hydra.core.config_store import ConfigStore  # here: workers import the schemas, not Hydra
+
     ConfigStore.instance().store(name="search_schema", node=SearchConfig)
