@@ -266,3 +266,18 @@ def test_a_trial_created_for_another_baseline_does_not_run(tmp_path: Path) -> No
     result = result_of(trial_dir)
     assert result.status is Status.CRASHED and "since the run started" in result.reason
     assert not (trial_dir / "train.log").exists()
+
+
+def test_the_driver_drops_its_secrets_before_starting_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_executor.sandbox import drop_secrets_from_environ
+
+    for k, v in SECRETS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("HPCX_KEEP_ME", "1")
+    dropped = drop_secrets_from_environ()
+    assert set(dropped) >= set(SECRETS)
+    assert not set(SECRETS) & set(os.environ) and os.environ["HPCX_KEEP_ME"] == "1"
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.environ))"], capture_output=True, text=True
+    )
+    assert not any(k in child.stdout for k in SECRETS)
