@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from hpc_executor import prompts
 from hpc_executor.environment import Environment
+from hpc_executor.idea_parsing import parse_ideas
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
 
-_IDEA = re.compile(r"<idea>(.*?)</idea>", re.DOTALL | re.IGNORECASE)
-_FIELD = r"<{0}>(.*?)</{0}>"
 FAILED_MARK = "failed to implement or execute"
-
-
-def parse_ideas(text: str) -> list[tuple[str, str]]:
-    """(title, description) pairs from ``<idea><title>..</title><description>..</description></idea>``."""
-    ideas = []
-    for block in _IDEA.findall(text):
-        title = re.search(_FIELD.format("title"), block, re.DOTALL | re.IGNORECASE)
-        desc = re.search(_FIELD.format("description"), block, re.DOTALL | re.IGNORECASE)
-        if title and desc and title.group(1).strip() and desc.group(1).strip():
-            ideas.append((" ".join(title.group(1).split()), desc.group(1).strip()))
-    return ideas
 
 
 @dataclass
@@ -68,7 +55,7 @@ class Ideator:
         if response.error:
             return Proposal([], request, response, response.error)
         ideas = parse_ideas(response.text)[:n]
-        problem = "" if ideas else "the answer held no <idea> block with a <title> and a <description>"
+        problem = "" if ideas else "no ideas found in the answer (no <idea> blocks, JSON, list or headings)"
         return Proposal(ideas, request, response, problem)
 
 

@@ -6,7 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hpc_executor.config import StrategyConfig
-from hpc_executor.ideator import FAILED_MARK, format_shown, parse_ideas
+from hpc_executor.ideator import FAILED_MARK, format_shown
 from hpc_executor.strategies import BestOfN, Evolution
 
 
@@ -59,11 +59,3 @@ def test_explore_shows_earlier_ideas_with_failures_marked() -> None:
 def test_best_of_n_always_samples() -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(StrategyConfig), {"name": "best_of_n", "batch_size": 5})
     assert {s.purpose for e in range(3) for s in BestOfN(cfg, 0).plan(e)} == {"ideate"}
-
-
-def test_parse_ideas_tolerates_prose_and_skips_incomplete_blocks() -> None:
-    text = (
-        "Sure! <idea><title> Warmup\n</title><description>Add warmup.</description></idea> and "
-        "<idea><title>No description</title></idea><IDEA><Title>B</Title><description>x</description></IDEA>"
-    )
-    assert parse_ideas(text) == [("Warmup", "Add warmup."), ("B", "x")]

@@ -1,0 +1,63 @@
+"""Ideas survive whatever shape the ideator's answer takes; an answer without ideas gives none."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpc_executor.idea_parsing import parse_ideas
+
+TWO = [("Cosine schedule", "Decay the learning rate."), ("Wider MLP", "Use 6x the width.")]
+
+SHAPES = {
+    "xml": "<idea><title>Cosine schedule</title><description>Decay the learning rate.</description></idea>\n"
+    "<idea>\n<title>\n Wider MLP\n</title>\n<description>\nUse 6x the width.\n</description>\n</idea>",
+    "xml in a fence, with prose": "Here you go:\n```xml\n<idea><title>Cosine schedule</title>"
+    "<description>Decay the learning rate.</description></idea>\n<IDEA><Title>Wider MLP</Title>"
+    "<description>Use 6x the width.</description></IDEA>\n```\nHope this helps.",
+    "json list in a fence": 'Ideas:\n```json\n[{"title": "Cosine schedule", "description": "Decay the learning'
+    ' rate."},\n {"title": "Wider MLP", "description": "Use 6x the width."}]\n```',
+    "bare json object": '{"ideas": [{"name": "Cosine schedule", "details": "Decay the learning rate."}, '
+    '{"Title": "Wider MLP", "Description": "Use 6x the width."}]} -- two ideas',
+    "numbered, bold titles": "Two ideas:\n\n1. **Cosine schedule**: Decay the learning rate.\n"
+    "2. **Wider MLP** - Use 6x the width.",
+    "numbered, colon titles": "1) Cosine schedule: Decay the learning rate.\n2) Wider MLP: Use 6x the width.",
+    "idea headings": "# My proposals\n\n## Idea 1: Cosine schedule\nDecay the learning rate.\n\n"
+    "## Idea 2: Wider MLP\nUse 6x the width.\n",
+    "numbered headings": "### 1. Cosine schedule\nDecay the learning rate.\n### 2. Wider MLP\nUse 6x the width.",
+    "bullets": "- **Cosine schedule**: Decay the learning rate.\n- **Wider MLP**: Use 6x the width.",
+    "plain headings": "## Cosine schedule\nDecay the learning rate.\n\n## Wider MLP\nUse 6x the width.",
+}
+
+
+@pytest.mark.parametrize("text", SHAPES.values(), ids=SHAPES.keys())
+def test_every_shape_gives_the_same_ideas(text: str) -> None:
+    assert parse_ideas(text) == TWO
+
+
+def test_sub_bullets_stay_in_their_idea() -> None:
+    text = "1. **Cosine schedule**: Decay it.\n   - over 1000 steps\n   - to 10%\n2. **Wider MLP**: 6x."
+    assert parse_ideas(text) == [("Cosine schedule", "Decay it.\n   - over 1000 steps\n   - to 10%"),
+                                 ("Wider MLP", "6x.")]  # fmt: skip
+
+
+def test_the_asked_format_wins_over_lists_in_the_prose() -> None:
+    text = "I considered:\n1. dropout\n2. warmup\n<idea><title>Warmup</title><description>Add warmup.</description></idea>"
+    assert parse_ideas(text) == [("Warmup", "Add warmup.")]
+
+
+def test_incomplete_blocks_are_skipped() -> None:
+    text = (
+        "<idea><title>No description</title></idea>"
+        "<idea><title></title><description>No title</description></idea>"
+        "<idea><title>B</title><description>x</description></idea>"
+    )
+    assert parse_ideas(text) == [("B", "x")]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "I cannot help with that.", '[{"title": "cut off', "{}", "[1, 2, 3]", "# Only a heading\n\nSome prose.",
+     "<idea><title>unclosed"],
+)  # fmt: skip
+def test_answers_without_ideas_give_none(text: str) -> None:
+    assert parse_ideas(text) == []
