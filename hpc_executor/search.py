@@ -434,6 +434,20 @@ def missing_groups(argv: list[str]) -> list[str]:
     return [g for g in ("env", "model") if not any(re.match(rf"^\+{{0,2}}{g}=", a) for a in argv)]
 
 
+def role_shorthand(argv: list[str]) -> list[str]:
+    """``model.ideator=NAME`` (or ``model.implementer=``) picks a role's model from conf/llm/; Hydra
+    spells that ``llm@model.ideator=NAME``. Comma lists (sweeps) are rewritten alike; anything else,
+    such as ``model.ideator.max_tokens=4000``, is left to Hydra."""
+    names = set(choices("llm"))
+    rewritten = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in ("model.ideator", "model.implementer") and set(value.split(",")) <= names:
+            arg = f"llm@{key}={value}"
+        rewritten.append(arg)
+    return rewritten
+
+
 def usage_message(missing: list[str]) -> str:
     lines = [f"hpc-executor: missing {' and '.join('+' + g for g in missing)}. A search needs an "
              "environment and a model, appended with '+':",
@@ -442,6 +456,7 @@ def usage_message(missing: list[str]) -> str:
     for group in ("env", "model", "strategy", "scheduler"):
         prefix = "+" if group in ("env", "model") else ""
         lines.append(f"    {prefix}{group}=  {', '.join(choices(group))}")
+    lines.append(f"    model.ideator= / model.implementer=  {', '.join(choices('llm'))}  (one role's model)")
     lines.append("'+model=offline' is a scripted stand-in (not an LLM) that needs no API key.")
     return "\n".join(lines)
 
@@ -481,6 +496,7 @@ def _remove_if_untouched(run_dir: Path) -> None:
 
 def main() -> None:
     register_configs()
+    sys.argv[1:] = role_shorthand(sys.argv[1:])
     missing = missing_groups(sys.argv[1:])
     if missing:
         print(usage_message(missing), file=sys.stderr)

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from hpc_executor.config import register_configs
 from hpc_executor.environment import Environment
-from hpc_executor.search import CONF_DIR, choices, missing_groups
+from hpc_executor.llm import PROVIDERS
+from hpc_executor.search import CONF_DIR, choices, missing_groups, role_shorthand
 
 register_configs()
 ENVS, MODELS = choices("env"), choices("model")
@@ -42,7 +43,32 @@ def test_every_model_composes(model: str) -> None:
     cfg = composed("+env=grpo", f"+model={model}")
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     for role in ("ideator", "implementer"):
-        assert cfg.model[role].provider in ("anthropic", "openai", "offline")
+        assert cfg.model[role].provider in PROVIDERS
+
+
+@pytest.mark.parametrize("llm", choices("llm"))
+def test_every_llm_serves_either_role(llm: str) -> None:
+    cfg = composed(
+        "+env=grpo", "+model=opus", *role_shorthand([f"model.ideator={llm}", f"model.implementer={llm}"])
+    )
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.model.ideator == cfg.model.implementer
+    assert cfg.model.ideator.provider in PROVIDERS
+
+
+def test_one_override_changes_one_role() -> None:
+    """Self- vs cross-execution: the paper's Sonnet-ideas/GPT-5-code model is +model=sonnet plus one override."""
+    crossed = composed("+env=grpo", "+model=sonnet", *role_shorthand(["model.implementer=gpt5"])).model
+    paper = composed("+env=grpo", "+model=sonnet_ideas_gpt5_code").model
+    assert crossed.ideator == paper.ideator and crossed.implementer == paper.implementer
+    assert (crossed.ideator.model, crossed.implementer.model) == ("claude-sonnet-4-5", "gpt-5")
+
+
+def test_role_shorthand_rewrites_only_model_names() -> None:
+    argv = ["model.ideator=opus", "model.implementer=gpt5,sonnet", "model.ideator.max_tokens=4000",
+            "model.implementer=no_such_llm", "+env=tiny"]  # fmt: skip
+    assert role_shorthand(argv) == ["llm@model.ideator=opus", "llm@model.implementer=gpt5,sonnet",
+                                    "model.ideator.max_tokens=4000", "model.implementer=no_such_llm", "+env=tiny"]  # fmt: skip
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
