@@ -68,7 +68,7 @@ class ModelConfig:
     implementer: LLMConfig = field(default_factory=LLMConfig)
     samples: int = 10  # diffs sampled in parallel per idea (paper: 10)
     revisions: int = 2  # revisions per sample with the error fed back (paper: 2)
-    parallel_calls: int = 8  # concurrent LLM requests
+    parallel_calls: int = 8  # implementer requests in flight at once, over all ideas and samples
 
 
 @dataclass
@@ -116,6 +116,7 @@ class SearchConfig:
     scheduler: SchedulerConfig = MISSING
     run_name: str = MISSING  # the run directory's name; the same name resumes the same run
     seed: int = 0
+    budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)

@@ -1,18 +1,26 @@
 """The implementer: turns an idea into a diff that applies, as in the paper.
 
-``samples`` diffs are requested in parallel; each is checked by applying it to a fresh copy of
-the baseline and, when it fails, revised up to ``revisions`` times with the error fed back. The
-lowest-numbered sample that applies wins (deterministic, whatever order the answers arrive in).
+``samples`` diffs are requested per idea; each is checked by applying it to a fresh copy of the
+baseline and, when it fails, revised up to ``revisions`` times with the error fed back. The
+lowest-numbered sample that applies wins (deterministic, whatever order the answers arrive in), so
+once sample k applied, samples above k are not started and stop revising: they could not win.
+
+Every (idea, sample) chain of a batch of ideas goes into one thread pool of ``parallel_calls``
+threads, so the provider sees that many requests at once however the ideas and samples split.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_executor import prompts
+from hpc_executor.budget import CostMeter
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
@@ -20,6 +28,9 @@ from hpc_executor.patching import apply_diff
 from hpc_executor.types import Idea, Patch
 from hpc_executor.worker import copy_baseline
 
+log = logging.getLogger("hpc_executor.implementer")
+
+BUDGET_REACHED = "the run's LLM budget was reached"
 RESERVED_NOTE = (
     "Reserved files, not shown: {files}. They hold the frozen evaluator and the data preparation; "
     "they may not be read or changed, and a diff that touches them is rejected."
@@ -31,6 +42,8 @@ class Call:
     call_id: str
     request: LLMRequest
     response: LLMResponse
+    # what came of the answer: ok (ideator) | applied | rejected | failed_to_apply | not_a_diff | error
+    outcome: str = ""
 
 
 @dataclass
@@ -38,37 +51,102 @@ class Attempt:
     diff: str | None = None  # the normalised diff that applied
     error: str = ""
     rejected: bool = False
+    budget_stopped: bool = False  # the budget ran out before this sample's next call
     calls: list[Call] = field(default_factory=list)
+
+
+class _IdeaState:
+    """The samples of one idea: which applied first, and which are done."""
+
+    def __init__(self, idea: Idea, samples: int) -> None:
+        self.idea = idea
+        self.attempts: list[Attempt | None] = [None] * samples
+        self._lock = threading.Lock()
+        self._applied = samples  # lowest sample index that applied so far
+
+    def applied(self, sample: int) -> None:
+        with self._lock:
+            self._applied = min(self._applied, sample)
+
+    def can_win(self, sample: int) -> bool:
+        with self._lock:
+            return sample < self._applied
 
 
 class Implementer:
     def __init__(
-        self, llm: LLM, env: Environment, samples: int, revisions: int, thinking_budget: int
+        self,
+        llm: LLM,
+        env: Environment,
+        samples: int,
+        revisions: int,
+        thinking_budget: int,
+        parallel_calls: int = 8,
+        meter: CostMeter | None = None,
     ) -> None:
         self.llm = llm
         self.env = env
         self.samples = max(1, samples)
         self.revisions = max(0, revisions)
         self.thinking_budget = thinking_budget
+        self.parallel_calls = max(1, parallel_calls)
+        self.meter = meter or CostMeter(None)
         hidden = [f for f in env.baseline_files() if f not in env.implementer_files()]
         self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=True)
         self._reserved = RESERVED_NOTE.format(files=", ".join(hidden)) if hidden else ""
 
-    def implement(self, idea: Idea) -> tuple[Patch, list[Call]]:
-        with ThreadPoolExecutor(max_workers=self.samples) as pool:
-            attempts = list(pool.map(lambda k: self._chain(idea, k), range(self.samples)))
+    def implement(self, idea: Idea) -> tuple[Patch | None, list[Call]]:
+        ((_, patch, calls),) = self.implement_all([idea])
+        return patch, calls
+
+    def implement_all(self, ideas: Iterable[Idea]) -> Iterator[tuple[Idea, Patch | None, list[Call]]]:
+        """Each idea with its patch and calls, as soon as all its samples are done. The patch is None
+        when the budget ran out before any call for the idea: it stays unimplemented, to be picked up
+        when the run resumes with a larger budget."""
+        states = [_IdeaState(idea, self.samples) for idea in ideas]
+        pool = ThreadPoolExecutor(max_workers=self.parallel_calls, thread_name_prefix="implement")
+        try:
+            futures: dict[Future[Attempt], tuple[_IdeaState, int]] = {
+                pool.submit(self._chain, state, k): (state, k)
+                for state in states
+                for k in range(self.samples)
+            }
+            pending = {id(state): self.samples for state in states}
+            for future in as_completed(futures):
+                state, k = futures[future]
+                state.attempts[k] = future.result()
+                pending[id(state)] -= 1
+                if pending[id(state)] == 0:
+                    yield state.idea, *self._outcome(state)
+        finally:  # an interrupted consumer: chains not started are dropped, calls in flight finish
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _outcome(self, state: _IdeaState) -> tuple[Patch | None, list[Call]]:
+        attempts = [a for a in state.attempts if a is not None]
         calls = [c for a in attempts for c in a.calls]
+        idea_id = state.idea.idea_id
         call_ids = [c.call_id for c in calls]
         for attempt in attempts:
             if attempt.diff is not None:
-                return Patch(idea.idea_id, attempt.diff, "applied", "", len(calls), call_ids), calls
-        last = attempts[0]
-        status = "patch_rejected" if any(a.rejected for a in attempts) else "implement_failed"
-        reason = next((a.error for a in attempts if a.rejected), last.error)
-        return Patch(idea.idea_id, None, status, reason, len(calls), call_ids), calls
+                return Patch(idea_id, attempt.diff, "applied", "", len(calls), call_ids), calls
+        failed = [a for a in attempts if a.error]
+        if not failed:  # the budget ran out before any call: left for a resumed run to implement
+            return None, []
+        status = "patch_rejected" if any(a.rejected for a in failed) else "implement_failed"
+        reason = next((a.error for a in failed if a.rejected), failed[0].error)
+        if any(a.budget_stopped for a in attempts):
+            reason += f" ({BUDGET_REACHED}: further samples and revisions were not asked for)"
+        return Patch(idea_id, None, status, reason, len(calls), call_ids), calls
 
-    def _chain(self, idea: Idea, sample: int) -> Attempt:
-        attempt = Attempt()
+    def _chain(self, state: _IdeaState, sample: int) -> Attempt:
+        try:
+            return self._revise_until_applied(state, sample)
+        except Exception as exc:  # a bug must cost this sample only, never the batch
+            log.exception("implementing %s, sample %d failed", state.idea.idea_id, sample)
+            return Attempt(error=f"internal error: {exc}")
+
+    def _revise_until_applied(self, state: _IdeaState, sample: int) -> Attempt:
+        idea, attempt = state.idea, Attempt()
         base_prompt = prompts.render(
             "implement",
             idea_title=idea.title,
@@ -78,6 +156,11 @@ class Implementer:
         )
         prompt, purpose = base_prompt, "implement"
         for revision in range(self.revisions + 1):
+            if not state.can_win(sample):
+                break
+            if self.meter.exhausted():
+                attempt.budget_stopped = True
+                break
             request = LLMRequest(
                 prompt=prompt,
                 purpose=purpose,
@@ -93,17 +176,23 @@ class Implementer:
                 },
             )
             response = self.llm.complete(request)
-            attempt.calls.append(Call(f"{idea.idea_id}-s{sample}-r{revision}", request, response))
+            self.meter.add(response.cost_usd)
+            call = Call(f"{idea.idea_id}-s{sample}-r{revision}", request, response)
+            attempt.calls.append(call)
             if response.error:  # the provider failed after its retries: no point revising
-                attempt.error = f"LLM call failed: {response.error}"
+                attempt.error, call.outcome = f"LLM call failed: {response.error}", "error"
                 return attempt
             try:
                 attempt.diff = self.check(response.text)
+                call.outcome = "applied"
+                state.applied(sample)
                 return attempt
-            except PatchRejected as exc:  # NotADiff is no policy breach: revise, but do not count it as one
-                attempt.error, attempt.rejected = str(exc), not isinstance(exc, NotADiff)
+            except NotADiff as exc:  # no policy breach: revise, but do not count it as one
+                attempt.error, attempt.rejected, call.outcome = str(exc), False, "not_a_diff"
+            except PatchRejected as exc:
+                attempt.error, attempt.rejected, call.outcome = str(exc), True, "rejected"
             except PatchFailed as exc:
-                attempt.error, attempt.rejected = str(exc), False
+                attempt.error, attempt.rejected, call.outcome = str(exc), False, "failed_to_apply"
             prompt = (
                 base_prompt
                 + "\n\n"

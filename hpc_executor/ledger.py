@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS llm_calls (
     call_id TEXT PRIMARY KEY, role TEXT, purpose TEXT, provider TEXT, model TEXT, epoch INTEGER,
     input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, latency_s REAL, attempts INTEGER,
-    error TEXT, prompt TEXT, response TEXT, created_at REAL);
+    error TEXT, prompt TEXT, response TEXT, created_at REAL, outcome TEXT);
 CREATE TABLE IF NOT EXISTS ideas (
     idea_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, slot INTEGER NOT NULL, kind TEXT NOT NULL,
     title TEXT, description TEXT, parents TEXT, llm_call_id TEXT, created_at REAL,
@@ -55,6 +55,9 @@ CREATE TABLE IF NOT EXISTS results (
     trial_id TEXT PRIMARY KEY, status TEXT NOT NULL, reward REAL, metrics TEXT, runtime_s REAL,
     log_path TEXT, log_tail TEXT, reason TEXT, provenance TEXT, ingested_at REAL);
 """
+
+# (table, column, type) added after the first release; a column never changes meaning once added
+_ADDED_COLUMNS = [("llm_calls", "outcome", "TEXT")]
 
 
 class Ledger:
@@ -74,6 +77,14 @@ class Ledger:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Ledgers written before a column existed get it (empty), so old runs resume and load."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()
@@ -253,6 +264,20 @@ class Ledger:
             " WHERE r.status = 'ok' AND t.idea_id != 'baseline'"
         ).fetchone()
         return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
+
+    def llm_usage(self) -> list[dict[str, Any]]:
+        """Calls, failures, tokens and dollars per role and purpose, for the end-of-run table."""
+        rows = self.db.execute(
+            "SELECT role, purpose, count(*) AS calls, count(error) AS failed,"
+            " coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
+            " coalesce(sum(cost_usd), 0.0) AS cost_usd FROM llm_calls GROUP BY role, purpose"
+            " ORDER BY role, min(created_at)"
+        )
+        return [dict(r) for r in rows]
+
+    def spent_usd(self) -> float:
+        (spent,) = self.db.execute("SELECT coalesce(sum(cost_usd), 0.0) FROM llm_calls").fetchone()
+        return float(spent)
 
     def frames(self) -> dict[str, pd.DataFrame]:
         frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", self.db) for t in TABLES}

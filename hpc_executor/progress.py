@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hpc_executor.budget import CostMeter, usd
+
 log = logging.getLogger("hpc_executor.search")
 
 
@@ -62,6 +64,26 @@ class Progress:
             + f" | execution rate {rate:.0f}% | ledger: {_short(run_dir / 'ledger.sqlite')}"
         )  # fmt: skip
         return table
+
+    def usage_table(self, usage: list[dict[str, Any]], meter: CostMeter) -> Table:
+        """LLM calls, tokens and dollars per role and purpose (tokens include thinking)."""
+        table = Table(title="LLM usage", caption=meter.describe())
+        for col in ("role", "purpose", "calls", "failed", "tokens in", "tokens out", "cost"):
+            table.add_column(col, justify="left" if col in ("role", "purpose") else "right")
+        totals = dict.fromkeys(("calls", "failed", "input_tokens", "output_tokens", "cost_usd"), 0)
+        for row in usage:
+            for key in totals:
+                totals[key] += row[key]
+            table.add_row(row["role"], row["purpose"], *_usage_cells(row))
+        table.add_section()
+        table.add_row("all", "", *_usage_cells(totals))
+        self.console.print(table)
+        return table
+
+
+def _usage_cells(row: dict[str, Any]) -> list[str]:
+    return [str(row["calls"]), str(row["failed"]), f"{row['input_tokens']:,}", f"{row['output_tokens']:,}",
+            usd(row["cost_usd"])]  # fmt: skip
 
 
 def _short(path: Path) -> str:

@@ -25,11 +25,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hpc_executor.budget import CostMeter
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
-from hpc_executor.ideator import Ideator
+from hpc_executor.ideator import Ideator, Proposal
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
 from hpc_executor.llm import make_llm, spec_from_config
@@ -37,7 +38,7 @@ from hpc_executor.llm.credentials import required_env_vars
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
-from hpc_executor.strategies import make_strategy
+from hpc_executor.strategies import Slot, make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status, Trial
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
 
@@ -64,8 +65,11 @@ class Search:
         self.scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
         self.ideator = Ideator(self.ideator_llm, self.env, cfg.model.ideator.thinking_budget,
                                cfg.model.ideator.thinking_budget_search)  # fmt: skip
-        self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples,
-                                       cfg.model.revisions, cfg.model.implementer.thinking_budget)  # fmt: skip
+        self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
+        self._budget_noted = False
+        self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
+                                       cfg.model.implementer.thinking_budget, cfg.model.parallel_calls,
+                                       self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
 
@@ -75,6 +79,7 @@ class Search:
         self.env.prepare()
         self.ledger = Ledger(self.run_dir, create=True)
         self._check_same_run()
+        self.meter.add(self.ledger.spent_usd())
         self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
 
@@ -139,62 +144,101 @@ class Search:
                 self.create_trials(epoch)
                 self.execute(epoch)
                 self.progress.baseline = self.baseline_reward()
+                if self.meter.exhausted() and epoch + 1 < s.epochs:
+                    self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the LLM budget is spent "
+                                       f"({self.meter.describe()}); raise budget_usd to go on")  # fmt: skip
+                    break
         except KeyboardInterrupt:
             self.interrupted()
             raise
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
+        self.progress.usage_table(self.ledger.llm_usage(), self.meter)
 
     def ideate(self, epoch: int) -> None:
+        """Fill the epoch's empty idea slots, in calls of ``call_size``. Epoch-0 style calls go one at a
+        time, since each is shown the ideas so far; exploit and explore calls, which are shown only
+        earlier epochs, go at once."""
         filled = self.ledger.slots_filled(epoch)
         empty = [slot for slot in self.strategy.plan(epoch) if slot.index not in filled]
         call = self.cfg.strategy.call_size
         groups = [empty[i : i + call] for i in range(0, len(empty), call)]
-        for group in groups:
-            purpose = group[0].purpose
-            group = [slot for slot in group if slot.purpose == purpose]
-            for attempt in range(IDEATION_ATTEMPTS):
-                history = self.ledger.outcomes(until_epoch=epoch)
-                shown = self.strategy.shown(purpose, epoch, history, self.baseline_reward())
-                effective = "explore" if purpose == "exploit" and not shown else purpose
-                seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
-                proposal = self.ideator.propose(effective, len(group), shown, seed)
-                call_id = f"e{epoch}-{effective}-{group[0].index}-a{attempt}"
-                parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
-                with self.ledger.transaction():  # the call and its ideas land together, or not at all
-                    self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response))
-                    for slot, (title, description) in zip(group, proposal.ideas, strict=False):
-                        idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, effective,
-                                    parents, call_id)  # fmt: skip
-                        self.ledger.add_idea(idea, slot.index)
-                group = group[len(proposal.ideas) :]
-                if not group:
-                    break
-                self.progress.note(f"epoch {epoch + 1}: ideator call {call_id} gave too few ideas "
-                                   f"({proposal.problem or 'short answer'}); asking again")  # fmt: skip
-            if group:
-                self.progress.note(f"epoch {epoch + 1}: {len(group)} idea slots stay empty after "
-                                   f"{IDEATION_ATTEMPTS} calls; the epoch goes on without them")  # fmt: skip
+        groups = [[s for s in g if s.purpose == g[0].purpose] for g in groups]
+        for group in (g for g in groups if g[0].purpose == "ideate"):
+            self._fill(epoch, [group])
+        self._fill(epoch, [g for g in groups if g[0].purpose != "ideate"])
         self._show(epoch)
+
+    def _fill(self, epoch: int, groups: list[list[Slot]]) -> None:
+        """One ideator call per group, all at once; slots a call left empty are asked for again, up
+        to IDEATION_ATTEMPTS calls in all."""
+        for attempt in range(IDEATION_ATTEMPTS):
+            if not groups:
+                return
+            if self.meter.exhausted():
+                self._budget_note(f"epoch {epoch + 1}: {sum(map(len, groups))} idea slots left empty")
+                return
+            remaining = []
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ideate") as pool:
+                futures = {}
+                for group in groups:
+                    purpose = group[0].purpose
+                    shown = self.strategy.shown(purpose, epoch, self.ledger.outcomes(until_epoch=epoch),
+                                                self.baseline_reward())  # fmt: skip
+                    effective = "explore" if purpose == "exploit" and not shown else purpose
+                    seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
+                    future = pool.submit(self.ideator.propose, effective, len(group), shown, seed)
+                    parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
+                    futures[future] = (group, f"e{epoch}-{effective}-{group[0].index}-a{attempt}", parents)
+                for future in as_completed(futures):
+                    group, call_id, parents = futures[future]
+                    rest = self._record_ideas(epoch, group, call_id, parents, future.result())
+                    if rest:
+                        remaining.append(rest)
+            groups = remaining
+        if groups:
+            self.progress.note(f"epoch {epoch + 1}: {sum(map(len, groups))} idea slots stay empty after "
+                               f"{IDEATION_ATTEMPTS} calls; the epoch goes on without them")  # fmt: skip
+
+    def _record_ideas(self, epoch: int, group: list[Slot], call_id: str, parents: list[str],
+                      proposal: Proposal) -> list[Slot]:  # fmt: skip
+        """Record the call and its ideas together; returns the slots it left empty."""
+        self.meter.add(proposal.response.cost_usd)
+        outcome = "error" if proposal.response.error else "ok" if proposal.ideas else "no_ideas"
+        with self.ledger.transaction():  # the call and its ideas land together, or not at all
+            self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response, outcome))
+            for slot, (title, description) in zip(group, proposal.ideas, strict=False):
+                idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, proposal.request.purpose,
+                            parents, call_id)  # fmt: skip
+                self.ledger.add_idea(idea, slot.index)
+        rest = group[len(proposal.ideas) :]
+        if rest:
+            self.progress.note(f"epoch {epoch + 1}: ideator call {call_id} gave {len(proposal.ideas)} of "
+                               f"{len(group)} ideas ({proposal.problem or 'short answer'})")  # fmt: skip
+        return rest
 
     def implement(self, epoch: int) -> None:
         todo = [i for i in self.ledger.ideas(epoch) if self.ledger.patch_for(i.idea_id) is None]
         if not todo:
             return
-        workers = max(1, self.cfg.model.parallel_calls // max(1, self.cfg.model.samples))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(self.implementer.implement, idea): idea for idea in todo}
-            for future in as_completed(futures):
-                idea = futures[future]
-                try:
-                    patch, calls = future.result()
-                except Exception as exc:  # a bug or bad answer must not stop the other ideas
-                    log.exception("implementing %s failed", idea.idea_id)
-                    patch, calls = Patch(idea.idea_id, None, "implement_failed", f"internal error: {exc}"), []
-                with self.ledger.transaction():
-                    for c in calls:
-                        self._record_call("implementer", epoch, c)
-                    self.ledger.add_patch(patch)
-                self._show(epoch)
+        unimplemented = []
+        for idea, patch, calls in self.implementer.implement_all(todo):
+            if patch is None:
+                unimplemented.append(idea.idea_id)
+                continue
+            with self.ledger.transaction():
+                for c in calls:
+                    self._record_call("implementer", epoch, c)
+                self.ledger.add_patch(patch)
+            self._show(epoch)
+        if unimplemented:
+            self._budget_note(f"epoch {epoch + 1}: {len(unimplemented)} ideas left unimplemented")
+
+    def _budget_note(self, what: str) -> None:
+        if not self._budget_noted:
+            self._budget_noted = True
+            self.progress.note(f"LLM budget reached ({self.meter.describe()}): no new calls; {what}. Trials "
+                               "already created run to the end. Raise budget_usd and run the same command "
+                               "to go on.")  # fmt: skip
 
     def create_trials(self, epoch: int) -> None:
         for idea in self.ledger.ideas(epoch):
@@ -373,6 +417,7 @@ class Search:
             call.call_id, role=role, purpose=q.purpose, provider=llm.spec.provider, model=r.model or llm.spec.model,
             epoch=epoch, input_tokens=r.input_tokens, output_tokens=r.output_tokens, cost_usd=r.cost_usd,
             latency_s=r.latency_s, attempts=r.attempts, error=r.error, prompt=q.prompt, response=r.text,
+            outcome=call.outcome,
         )  # fmt: skip
         if r.error:
             log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)

@@ -99,3 +99,37 @@ def test_results_survive_reopening_and_load_into_pandas_and_parquet(tmp_path: Pa
 def test_opening_a_directory_that_is_not_a_run_says_so(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="run directory"):
         Ledger(tmp_path / "nothing")
+
+
+def test_llm_usage_sums_tokens_and_dollars_per_role_and_purpose(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path, create=True)
+    calls = [("c1", "ideator", "ideate", 100, 50, 0.5, None), ("c2", "implementer", "implement", 1000, 200, 1.0, None),
+             ("c3", "implementer", "implement", 0, 0, 0.0, "HTTP 500"), ("c4", "implementer", "revise", 10, 5, 0.25, None)]  # fmt: skip
+    for call_id, role, purpose, tin, tout, cost, error in calls:
+        ledger.add_llm_call(call_id, role=role, purpose=purpose, input_tokens=tin, output_tokens=tout,
+                            cost_usd=cost, error=error, outcome="error" if error else "ok")  # fmt: skip
+    usage = {(u["role"], u["purpose"]): u for u in ledger.llm_usage()}
+    assert list(usage) == [("ideator", "ideate"), ("implementer", "implement"), ("implementer", "revise")]
+    assert usage["implementer", "implement"] == {"role": "implementer", "purpose": "implement", "calls": 2,
+                                                 "failed": 1, "input_tokens": 1000, "output_tokens": 200,
+                                                 "cost_usd": 1.0}  # fmt: skip
+    assert ledger.spent_usd() == pytest.approx(1.75)
+
+
+def test_a_ledger_from_before_the_outcome_column_opens_and_gains_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / ledger_module.LEDGER_FILE)
+    old.execute(
+        "CREATE TABLE llm_calls (call_id TEXT PRIMARY KEY, role TEXT, purpose TEXT, provider TEXT, model TEXT,"
+        " epoch INTEGER, input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, latency_s REAL,"
+        " attempts INTEGER, error TEXT, prompt TEXT, response TEXT, created_at REAL)"
+    )
+    old.execute("INSERT INTO llm_calls (call_id, role, cost_usd) VALUES ('old', 'ideator', 0.5)")
+    old.commit()
+    old.close()
+    ledger = Ledger(tmp_path)
+    ledger.add_llm_call("new", role="implementer", cost_usd=0.25, outcome="applied")
+    frame = ledger.frames()["llm_calls"].set_index("call_id")
+    assert frame.loc["new", "outcome"] == "applied" and pd.isna(frame.loc["old", "outcome"])
+    assert ledger.spent_usd() == pytest.approx(0.75)

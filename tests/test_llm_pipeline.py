@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_search
 from fakes.llm_server import FakeLLMServer, Reply
 
@@ -62,3 +63,30 @@ def test_a_failing_llm_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     assert "idea slots stay empty" in proc.stdout + proc.stderr
     calls = ledger_module.load(tmp_path / "outputs/quick-sonnet-evolution-seed0")["llm_calls"]
     assert len(calls) == 3 and calls.error.str.contains("HTTP 500").all()
+
+
+def test_a_spent_budget_stops_new_calls_and_a_larger_one_resumes(tmp_path: Path) -> None:
+    args = ["+env=quick", "+model=sonnet", "strategy.epochs=1", "strategy.batch_size=1", "strategy.call_size=1",
+            "model.samples=1", "model.revisions=0"]  # fmt: skip
+    with FakeLLMServer() as server:
+        urls = [f"model.{role}.base_url={server.url}" for role in ("ideator", "implementer")]
+        env = {"ANTHROPIC_API_KEY": "sk-ant-dummy"}
+        server.script(Reply(text=IDEA))  # 120 tokens in at $3/M + 45 out at $15/M = $0.001035
+        first = run_search(*args, *urls, "budget_usd=0.001", cwd=tmp_path, env=env)
+        server.script(Reply(text=GOOD_DIFF.replace("```diff", "```")))
+        second = run_search(*args, *urls, "budget_usd=1", cwd=tmp_path, env=env)
+        paths = [r.path for r in server.requests]
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "LLM budget reached ($0.0010 of $0.0010 spent)" in first.stdout
+    assert "1 ideas left unimplemented" in first.stdout
+    assert "LLM usage" in first.stdout and "$0.0010 of $0.0010 spent" in first.stdout
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert paths == ["/v1/messages", "/v1/messages"]  # the idea was not asked for again, only implemented
+    frames = ledger_module.load(tmp_path / "outputs/quick-sonnet-evolution-seed0")
+    calls = frames["llm_calls"].set_index("call_id")
+    assert list(calls.outcome) == ["ok", "applied"]
+    assert calls.cost_usd.sum() == pytest.approx(2 * 0.001035)
+    assert frames["results"].set_index("trial_id").loc["e0-000-t0", "status"] == "ok"
+    usage_rows = [line.split("│") for line in second.stdout.splitlines() if line.count("│") == 8]
+    assert [cells[1].strip() for cells in usage_rows] == ["ideator", "implementer", "all"]
+    assert "$0.0021 of $1.00 spent" in second.stdout
