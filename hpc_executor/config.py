@@ -53,12 +53,30 @@ class EnvConfig:
 
 
 @dataclass
+class ServeConfig:
+    """An open model served for the run as a job of its own (vLLM by default): started before the
+    first call, health-checked, used through its OpenAI-compatible API, cancelled at the end."""
+
+    enabled: bool = False  # false: use base_url as it is (a server someone else runs)
+    # argv; {model}, {port} and {gpus} are substituted. The job picks a free port on its node.
+    command: list[str] = field(default_factory=lambda: ["vllm", "serve", "{model}", "--port", "{port}",
+                                                        "--tensor-parallel-size", "{gpus}"])  # fmt: skip
+    gpus: int = 1
+    cpus: int = 8
+    mem_gb: int = 64
+    time_limit_min: int = 1440  # the job's time limit: the longest the run may use the server
+    startup_timeout_s: float = 1800.0  # queueing plus loading the weights
+    health_path: str = "/health"  # vLLM's; relative to the server's root, not to /v1
+
+
+@dataclass
 class LLMConfig(LLMSpec):
     """One role's model (see LLMSpec for every field), plus what only the ideator's prompts use."""
 
-    provider: str = MISSING  # anthropic | openai | offline
+    provider: str = MISSING  # anthropic | openai | openai_compatible | offline
     model: str = MISSING
     thinking_budget_search: int = 0  # thinking budget for exploit/explore calls (paper: 1500; epoch 0: 3000)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,20 @@ class Scheduler(abc.ABC):
         """Launch one job per trial directory, as one array; returns (job id, array index) per trial."""
 
     @abc.abstractmethod
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+        """Run one function call as a job of this shape (a model server, say); returns its job id."""
+
+    @abc.abstractmethod
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         """Current state of each job, in one query; raises SchedulerQueryError when it cannot ask."""
 
     @abc.abstractmethod
     def cancel(self, job_ids: list[str]) -> None: ...
+
+    def job_log(self, job_id: str) -> Path | None:
+        """The job's stderr as submitit wrote it (the newest, for a job that ran more than once)."""
+        logs = sorted(self.folder.glob(f"{job_id}*/*.err")) + sorted(self.folder.glob(f"{job_id}*.err"))
+        return logs[-1] if logs else None
 
 
 class LocalScheduler(Scheduler):
@@ -98,20 +108,22 @@ class LocalScheduler(Scheduler):
         return by_cpu
 
     def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
-        executor = submitit.LocalExecutor(folder=self.folder / "%j")
-        executor.update_parameters(timeout_min=math.ceil(shape.time_limit_s / 60), gpus_per_node=shape.gpus)
-        # The jobs share the driver's terminal. Started with SIGINT and SIGHUP ignored (inherited
-        # through exec), they outlive a Ctrl-C meant for the driver and a closed terminal, as
-        # Slurm jobs do. They are cancelled with SIGTERM.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
-        try:
-            jobs = executor.map_array(run_trial, trial_dirs)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with _outliving_the_terminal():
+            jobs = self._executor(shape).map_array(run_trial, trial_dirs)
         for job in jobs:
             self._jobs[job.job_id] = job
         return [(job.job_id, None) for job in jobs]
+
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+        with _outliving_the_terminal():
+            job = self._executor(shape).submit(fn, *args)
+        self._jobs[job.job_id] = job
+        return job.job_id
+
+    def _executor(self, shape: Shape) -> submitit.LocalExecutor:
+        executor = submitit.LocalExecutor(folder=self.folder / "%j")
+        executor.update_parameters(timeout_min=math.ceil(shape.time_limit_s / 60), gpus_per_node=shape.gpus)
+        return executor
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         return {job_id: self._state(job_id) for job_id in job_ids}
@@ -132,6 +144,19 @@ class LocalScheduler(Scheduler):
             if job_id.isdigit() and _is_submitit_process(int(job_id)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
+
+
+@contextlib.contextmanager
+def _outliving_the_terminal() -> Iterator[None]:
+    """Local jobs share the driver's terminal. Started with SIGINT and SIGHUP ignored (inherited
+    through exec), they outlive a Ctrl-C meant for the driver and a closed terminal, as Slurm jobs
+    do. They are cancelled with SIGTERM."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _is_submitit_process(pid: int) -> bool:

@@ -388,9 +388,8 @@ class Search:
         )])  # fmt: skip
 
     def _job_log_tail(self, job_id: str) -> str:
-        logs = sorted((self.run_dir / "submitit").glob(f"{job_id}*/*.err")) + sorted(
-            (self.run_dir / "submitit").glob(f"{job_id}*.err"))  # fmt: skip
-        return tail(logs[-1]) if logs else ""
+        log_path = self.scheduler.job_log(job_id)
+        return tail(log_path) if log_path else ""
 
     def interrupted(self) -> None:
         """Ctrl-C: ask before cancelling what runs; without a terminal, leave it running."""

@@ -19,7 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,15 @@ class SlurmScheduler(Scheduler):
             "submitted %d trials as Slurm job %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "-"
         )
         return assignments
+
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j")
+        params = self.sbatch_parameters(shape) | {"job_name": job_name}
+        params.pop("array_parallelism", None)
+        executor.update_parameters(**params)
+        job = executor.submit(fn, *args)
+        log.info("submitted %s as Slurm job %s", job_name, job.job_id)
+        return job.job_id
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         if not job_ids:

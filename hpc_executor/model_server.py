@@ -1,0 +1,152 @@
+"""An open model served for the run: ``vllm serve`` (or any OpenAI-compatible server) as a job.
+
+The job runs ``serve_in_job`` on its node: it picks a free port, writes ``{host, port}`` to an
+endpoint file in the run directory (on the shared filesystem), then becomes the server process
+(exec), so that cancelling the job stops the server. The driver waits for that file and for the
+server's health check, points the role's client at ``http://host:port/v1``, and cancels the job
+when the run ends. A driver that was killed finds the job in the ledger when it runs again and
+adopts the server if it is still healthy, so neither a second server nor a leaked one is left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from hpc_executor.errors import PreflightError
+from hpc_executor.sandbox import tail
+from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.worker import write_atomic
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_FILE = "endpoint.json"
+POLL_S = 2.0
+
+
+def serve_in_job(command: list[str], endpoint_file: str) -> None:
+    """In the job: choose a port, publish where the server will listen, and exec the server."""
+    with socket.socket() as probe:  # the kernel picks a port free on this node
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    argv = [arg.replace("{port}", str(port)) for arg in command]
+    write_atomic(Path(endpoint_file), json.dumps({"host": socket.gethostname(), "port": port}))
+    os.execvp(argv[0], argv)
+
+
+class ModelServer:
+    """One served model of a run; the caller keeps ``job_id`` in the ledger so that a restarted
+    driver can ``adopt`` the job."""
+
+    def __init__(self, model: str, cfg: DictConfig, scheduler: Scheduler, folder: Path,
+                 sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
+        self.model = model
+        self.cfg = cfg
+        self.scheduler = scheduler
+        self.folder = folder
+        self.endpoint_file = folder / ENDPOINT_FILE
+        self.job_id: str | None = None
+        self._sleep = sleep
+
+    @property
+    def shape(self) -> Shape:
+        return Shape(self.cfg.gpus, self.cfg.cpus, self.cfg.mem_gb, int(self.cfg.time_limit_min) * 60)
+
+    def command(self) -> list[str]:
+        values = {"{model}": self.model, "{gpus}": str(self.cfg.gpus)}
+        argv = []
+        for arg in self.cfg.command:
+            for key, value in values.items():
+                arg = arg.replace(key, value)
+            argv.append(arg)
+        return argv
+
+    def adopt(self, job_id: str) -> str | None:
+        """The base URL of a server an earlier driver of this run started, when it still answers."""
+        try:
+            state = self.scheduler.states([job_id])[job_id]
+        except SchedulerQueryError:
+            state = JobState.UNKNOWN
+        url = self._endpoint()
+        if state == JobState.RUNNING and url and self._healthy(url):
+            self.job_id = job_id
+            log.info("re-using model server job %s at %s", job_id, url)
+            return url + "/v1"
+        self.scheduler.cancel([job_id])  # whatever is left of it: never two servers for one run
+        return None
+
+    def start(self) -> str:
+        """Submit the server job and wait until it answers its health check; returns the base URL
+        for the OpenAI-compatible client (``.../v1``)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.endpoint_file.unlink(missing_ok=True)
+        name = f"serve-{self.model.rsplit('/', 1)[-1]}"
+        self.job_id = self.scheduler.submit_call(
+            serve_in_job, (self.command(), str(self.endpoint_file)), self.shape, name
+        )
+        log.info("model server for %s: job %s, waiting up to %.0f s for it to answer",
+                 self.model, self.job_id, self.cfg.startup_timeout_s)  # fmt: skip
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            url = self._endpoint()
+            if url and self._healthy(url):
+                log.info("model server for %s is up at %s", self.model, url)
+                return url + "/v1"
+            self._check_alive()
+            self._sleep(POLL_S)
+        self.stop()
+        raise PreflightError(
+            f"the model server for {self.model} (job {self.job_id}) did not answer {self.cfg.health_path} within "
+            f"serve.startup_timeout_s={self.cfg.startup_timeout_s:g}s; it was cancelled. Its log: "
+            f"{self._log_hint()}. Raise the timeout if the queue or the weights are slow."
+        )
+
+    def stop(self) -> None:
+        if self.job_id:
+            self.scheduler.cancel([self.job_id])
+            log.info("model server job %s for %s cancelled", self.job_id, self.model)
+            self.job_id = None
+
+    def _endpoint(self) -> str | None:
+        try:
+            where = json.loads(self.endpoint_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return f"http://{where['host']}:{where['port']}"
+
+    def _healthy(self, url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url + self.cfg.health_path, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _check_alive(self) -> None:
+        assert self.job_id is not None
+        try:
+            state = self.scheduler.states([self.job_id])[self.job_id]
+        except SchedulerQueryError as exc:
+            log.warning("cannot ask about model server job %s: %s", self.job_id, exc)
+            return
+        if state.finished:
+            job, self.job_id = self.job_id, None
+            raise PreflightError(
+                f"the model server for {self.model} (job {job}) ended ({state.value}) before it answered; "
+                f"its log: {self._log_hint(job)}"
+            )
+
+    def _log_hint(self, job_id: str | None = None) -> str:
+        log_path = self.scheduler.job_log(job_id or self.job_id or "")
+        if log_path is None:
+            return f"(no log found under {self.scheduler.folder})"
+        text = tail(log_path, 1500).strip()
+        return str(log_path) + (f"\n{text}" if text else "")
