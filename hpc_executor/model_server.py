@@ -1,8 +1,8 @@
 """An open model served for the run: ``vllm serve`` (or any OpenAI-compatible server) as a job.
 
 The job runs ``serve_in_job`` on its node: it picks a free port, writes ``{host, port}`` to an
-endpoint file in the run directory (on the shared filesystem), then becomes the server process
-(exec), so that cancelling the job stops the server. The driver waits for that file and for the
+endpoint file in the run directory (on the shared filesystem), then waits on the server process,
+so that cancelling the job stops the server. The driver waits for that file and for the
 server's health check, points the role's client at ``http://host:port/v1``, and cancels the job
 when the run ends. A driver that was killed finds the job in the ledger when it runs again and
 adopts the server if it is still healthy, so neither a second server nor a leaked one is left.
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -34,13 +35,18 @@ POLL_S = 2.0
 
 
 def serve_in_job(command: list[str], endpoint_file: str) -> None:
-    """In the job: choose a port, publish where the server will listen, and exec the server."""
+    """In the job: choose a port, start the server, publish where it listens, and stay its parent, so
+    that cancelling the job (SIGTERM, locally or from Slurm) stops the server too."""
     with socket.socket() as probe:  # the kernel picks a port free on this node
         probe.bind(("", 0))
         port = probe.getsockname()[1]
     argv = [arg.replace("{port}", str(port)) for arg in command]
+    server = subprocess.Popen(argv)
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     write_atomic(Path(endpoint_file), json.dumps({"host": socket.gethostname(), "port": port}))
-    os.execvp(argv[0], argv)
+    code = server.wait()
+    if code not in (0, -signal.SIGTERM):
+        raise RuntimeError(f"the model server {argv[0]} exited with status {code}")
 
 
 class ModelServer:

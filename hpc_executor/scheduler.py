@@ -140,8 +140,13 @@ class LocalScheduler(Scheduler):
 
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None:  # our child: its pid stays ours until we reap it, which .state does
+                if job.state == "RUNNING":
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(job_id), signal.SIGTERM)
             # a pid outlives its process: only signal it while it is still a submitit job
-            if job_id.isdigit() and _is_submitit_process(int(job_id)):
+            elif job_id.isdigit() and _is_submitit_process(int(job_id)):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
 

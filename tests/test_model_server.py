@@ -1,0 +1,117 @@
+"""A model server as a job of its own, on the local executor and on the real Slurm cluster: it comes
+up on a port it chose, answers its health check, is found again by a restarted driver, and is gone
+when cancelled. The server here is Python's http.server serving a file named ``health``: a real
+process listening on a real port, standing in for ``vllm serve``."""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from test_slurm import slurm
+
+from hpc_executor.config import SchedulerConfig, ServeConfig
+from hpc_executor.errors import PreflightError
+from hpc_executor.model_server import ModelServer
+from hpc_executor.scheduler import JobState, make_scheduler
+
+
+def scheduler(tmp_path: Path, name: str):
+    cfg = OmegaConf.structured(SchedulerConfig(name=name, time_limit_min=5))
+    return make_scheduler(cfg, tmp_path / "submitit")
+
+
+def http_server(tmp_path: Path) -> list[str]:
+    root = tmp_path / "www"
+    root.mkdir(exist_ok=True)
+    (root / "health").write_text("ok")
+    return [sys.executable, "-m", "http.server", "{port}", "--bind", "0.0.0.0", "--directory", str(root)]
+
+
+def serve_config(command: list[str], **overrides: object):
+    fields = {"enabled": True, "command": command, "gpus": 0, "cpus": 1, "mem_gb": 1, "time_limit_min": 5,
+              "startup_timeout_s": 60.0} | overrides  # fmt: skip
+    return OmegaConf.structured(ServeConfig(**fields))
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=3) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_gone(sched, job_id: str, timeout: float = 60) -> JobState:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = sched.states([job_id])[job_id]
+        if state.finished or state == JobState.UNKNOWN:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {state} after {timeout}s")
+
+
+def start_use_adopt_stop(tmp_path: Path, name: str) -> None:
+    sched = scheduler(tmp_path, name)
+    server = ModelServer("org/tiny-model", serve_config(http_server(tmp_path)), sched, tmp_path / "server")
+    url = server.start()
+    assert url.startswith("http://") and url.endswith("/v1") and answers(url)
+    job_id = server.job_id
+
+    # a restarted driver (a new scheduler object too) adopts the job instead of starting another
+    again = ModelServer("org/tiny-model", serve_config(http_server(tmp_path)), scheduler(tmp_path, name),
+                        tmp_path / "server")  # fmt: skip
+    assert again.adopt(job_id) == url and again.job_id == job_id
+
+    server.stop()
+    assert wait_gone(sched, job_id) in (
+        JobState.CANCELLED,
+        JobState.COMPLETED,
+        JobState.FAILED,
+        JobState.UNKNOWN,
+    )
+    assert not answers(url)
+    assert again.adopt(job_id) is None  # a server that is gone is not adopted
+
+
+def test_a_local_server_starts_is_adopted_and_stops(tmp_path: Path) -> None:
+    start_use_adopt_stop(tmp_path, "local")
+
+
+@slurm
+def test_a_slurm_server_starts_is_adopted_and_stops(tmp_path: Path) -> None:
+    start_use_adopt_stop(tmp_path, "slurm")
+
+
+def test_a_server_that_dies_at_start_says_so_with_its_log(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", "import sys; sys.exit('no CUDA devices found')"]
+    server = ModelServer(
+        "org/tiny-model", serve_config(command), scheduler(tmp_path, "local"), tmp_path / "server"
+    )
+    with pytest.raises(PreflightError, match=r"ended \(\w+\) before it answered(.|\n)*no CUDA devices found"):
+        server.start()
+
+
+def test_a_server_that_never_answers_is_cancelled_at_the_timeout(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", "import time; time.sleep(600)"]
+    sched = scheduler(tmp_path, "local")
+    server = ModelServer(
+        "org/tiny-model", serve_config(command, startup_timeout_s=3.0), sched, tmp_path / "server"
+    )
+    with pytest.raises(PreflightError, match=r"did not answer /health within serve\.startup_timeout_s=3s"):
+        server.start()
+    job_id = next(iter(sched._jobs))
+    assert wait_gone(sched, job_id) != JobState.RUNNING
+
+
+def test_the_command_gets_the_model_and_gpus(tmp_path: Path) -> None:
+    cfg = OmegaConf.structured(ServeConfig(enabled=True, gpus=4))
+    server = ModelServer("Qwen/Qwen3-30B-A3B", cfg, scheduler(tmp_path, "local"), tmp_path)
+    assert server.command() == ["vllm", "serve", "Qwen/Qwen3-30B-A3B", "--port", "{port}",
+                                "--tensor-parallel-size", "4"]  # fmt: skip
