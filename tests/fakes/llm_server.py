@@ -383,6 +383,8 @@ class FakeLLMServer:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog (5) drops connections when many threads open them at once
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up on a kept-alive connection (a test ending, a timed-out attempt) is normal.
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -392,6 +394,7 @@ class _QuietServer(ThreadingHTTPServer):
 def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive like the real APIs, and chunked streams
+        disable_nagle_algorithm = True  # else headers and body, written apart, wait out delayed ACKs (40 ms)
 
         def do_GET(self) -> None:
             if self.path == "/health":
