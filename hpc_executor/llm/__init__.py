@@ -1,4 +1,5 @@
-"""LLM providers behind one interface: anthropic, openai and the offline scripted stand-in."""
+"""LLM providers behind one interface: anthropic, openai, openai_compatible (vLLM, llama.cpp, ollama) and
+the offline scripted stand-in."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
 
 __all__ = ["LLM", "LLMRequest", "LLMResponse", "LLMSpec", "make_llm", "spec_from_config"]
 
-PROVIDERS = ("anthropic", "openai", "offline")
+PROVIDERS = ("anthropic", "openai", "openai_compatible", "offline")
 
 
 def spec_from_config(cfg: Any) -> LLMSpec:
@@ -19,7 +20,8 @@ def spec_from_config(cfg: Any) -> LLMSpec:
 
 
 def make_llm(spec: LLMSpec) -> LLM:
-    """The provider's client; raises PreflightError when its API key is missing."""
+    """The provider's client; raises PreflightError when its API key is missing (call ``check_model`` to
+    also ask the provider whether it serves the model)."""
     if spec.provider == "anthropic":
         from hpc_executor.llm.anthropic_provider import AnthropicLLM
 
@@ -28,6 +30,10 @@ def make_llm(spec: LLMSpec) -> LLM:
         from hpc_executor.llm.openai_provider import OpenAILLM
 
         return OpenAILLM(spec)
+    if spec.provider == "openai_compatible":
+        from hpc_executor.llm.openai_compatible_provider import OpenAICompatibleLLM
+
+        return OpenAICompatibleLLM(spec)
     if spec.provider == "offline":
         from hpc_executor.llm.offline import OfflineLLM
 

@@ -1,7 +1,8 @@
-"""Claude through the Messages API, with extended thinking when a thinking budget is set."""
+"""Claude through the Messages API, streamed or not, with extended thinking when a thinking budget is set."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ import anthropic
 
 from hpc_executor.errors import ConfigError
 from hpc_executor.llm.base import LLMRequest, LLMSpec
-from hpc_executor.llm.retry import Completion, RetryingLLM, SdkErrors, log
+from hpc_executor.llm.retry import Completion, RetryingLLM, SdkErrors, StreamFailed, log
 
 MIN_THINKING_BUDGET = 1024  # the API's floor for budget_tokens
 
@@ -22,8 +23,11 @@ class AnthropicLLM(RetryingLLM):
         connection_error=anthropic.APIConnectionError,
         timeout_error=anthropic.APITimeoutError,
     )
+    api_name = "the Anthropic Messages API"
 
-    def __init__(self, spec: LLMSpec, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self, spec: LLMSpec, sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None
+    ) -> None:
         budget = spec.thinking_budget
         if budget and not MIN_THINKING_BUDGET <= budget < spec.max_tokens:
             raise ConfigError(
@@ -34,7 +38,7 @@ class AnthropicLLM(RetryingLLM):
             log.warning(
                 "anthropic:%s: temperature %g ignored: thinking needs 1", spec.model, spec.temperature
             )
-        super().__init__(spec, sleep)
+        super().__init__(spec, sleep, rng)
 
     def _make_client(self, key: str) -> anthropic.Anthropic:
         return anthropic.Anthropic(
@@ -59,8 +63,19 @@ class AnthropicLLM(RetryingLLM):
             # for the models that allow sampling. At 1.0 (the API default) it is left out, since the
             # newest models reject the field altogether.
             kwargs["extra_body"] = {"temperature": spec.temperature}
-        message = self._client.messages.create(**kwargs)
-        if message.stop_reason == "max_tokens":
+        if spec.stream:
+            # The SDK's accumulator builds the same Message as create() returns, usage included.
+            with self._client.messages.stream(**kwargs) as stream:
+                message = stream.get_final_message()
+            if message.stop_reason is None:
+                raise StreamFailed(None, "the stream ended without message_delta and message_stop")
+        else:
+            message = self._client.messages.create(**kwargs)
+        truncated = message.stop_reason == "max_tokens"
+        if truncated:
             log.warning("%s: answer cut off at max_tokens=%d", self.label, spec.max_tokens)
         text = "".join(block.text for block in message.content if block.type == "text")
-        return Completion(text, message.usage.input_tokens, message.usage.output_tokens)
+        return Completion(text, int(message.usage.input_tokens), int(message.usage.output_tokens), truncated)
+
+    def _find_model(self) -> None:
+        self._client.models.retrieve(self.spec.model)  # 404 for a name (or alias) the API does not know

@@ -11,7 +11,7 @@ from typing import Any
 class LLMSpec:
     """Which model to call and how; one of these per role (ideator, implementer)."""
 
-    provider: str  # "anthropic", "openai" or "offline"
+    provider: str  # "anthropic", "openai", "openai_compatible" (vLLM, llama.cpp, ollama) or "offline"
     model: str  # the provider's model name, e.g. "claude-opus-4-5"
     temperature: float = 1.0
     max_tokens: int = 10000
@@ -19,12 +19,21 @@ class LLMSpec:
     reasoning_effort: str | None = None  # OpenAI Responses API, e.g. "minimal"
     timeout_s: float = 600.0
     max_retries: int = 6  # on 429 / 529 / 5xx / timeouts, with exponential backoff
-    backoff_s: float = 2.0  # first backoff; doubles each retry, capped at backoff_max_s
+    backoff_s: float = 2.0  # first backoff; doubles each retry, capped at backoff_max_s, then jittered
     backoff_max_s: float = 60.0
     price_in_per_mtok: float = 0.0  # USD per million input tokens
     price_out_per_mtok: float = 0.0  # USD per million output tokens (thinking included)
-    base_url: str | None = None  # for gateways and for the tests' loopback server
-    api_key_env: str | None = None  # env var that holds the key; default per provider
+    base_url: str | None = (
+        None  # for gateways, local servers (required by openai_compatible) and the tests' fake
+    )
+    api_key_env: str | None = (
+        None  # env var that holds the key; default per provider (openai_compatible: none)
+    )
+    stream: bool = True  # stream answers: the timeout then bounds silence, not the whole (long) answer
+    check_model: bool = True  # ask the models endpoint at start-up; off for gateways that have none
+    max_concurrency: int = (
+        8  # HTTP attempts in flight per endpoint (provider + base_url), shared by all roles
+    )
 
 
 @dataclass
@@ -49,6 +58,7 @@ class LLMResponse:
     latency_s: float = 0.0
     attempts: int = 1  # 1 + retries
     error: str | None = None  # set when every attempt failed; text is then ""
+    truncated: bool = False  # the answer stopped at max_tokens, so a diff in it may be cut off
 
 
 class LLM(abc.ABC):
@@ -64,3 +74,7 @@ class LLM(abc.ABC):
 
     @abc.abstractmethod
     def complete(self, request: LLMRequest) -> LLMResponse: ...
+
+    def check_model(self) -> None:  # noqa: B027 -- a no-op on purpose: stand-ins have nothing to check
+        """Raise PreflightError when the provider cannot serve this model (unknown name, key refused,
+        endpoint unreachable); called once at start-up, before anything is submitted."""

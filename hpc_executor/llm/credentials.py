@@ -7,24 +7,36 @@ import os
 from hpc_executor.errors import ConfigError, PreflightError
 from hpc_executor.llm.base import LLMSpec
 
-DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "offline": None}
+# openai_compatible servers (vLLM, llama.cpp, ollama) run without a key unless started with one, in which
+# case api_key_env names the variable that holds it.
+DEFAULT_KEY_ENV = {
+    "anthropic": "ANTHROPIC_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "openai_compatible": None,
+    "offline": None,
+}
+PLACEHOLDER_KEY = "EMPTY"  # sent when no key is needed: the SDK insists on one, keyless servers ignore it
 
 
 def required_env_vars(spec: LLMSpec) -> list[str]:
-    """The environment variables this model needs; the offline stand-in needs none."""
+    """The environment variables this model needs; the offline stand-in and keyless servers need none."""
     if spec.provider not in DEFAULT_KEY_ENV:
         raise ConfigError(
             f"unknown LLM provider {spec.provider!r}; choose one of {', '.join(sorted(DEFAULT_KEY_ENV))}"
         )
-    default = DEFAULT_KEY_ENV[spec.provider]
-    if default is None:
+    if spec.provider == "offline":
         return []
-    return [spec.api_key_env or default]
+    name = spec.api_key_env or DEFAULT_KEY_ENV[spec.provider]
+    return [name] if name else []
 
 
-def api_key(spec: LLMSpec) -> tuple[str, str]:
-    """(key, name of the variable it came from); a PreflightError names the variable when it is unset."""
-    (name,) = required_env_vars(spec)
+def api_key(spec: LLMSpec) -> tuple[str, str | None]:
+    """(key, name of the variable it came from, None for the placeholder); a PreflightError names the
+    variable when it is unset."""
+    names = required_env_vars(spec)
+    if not names:
+        return PLACEHOLDER_KEY, None
+    (name,) = names
     key = os.environ.get(name, "").strip()
     if not key:
         raise PreflightError(

@@ -1,13 +1,23 @@
-"""OpenAI models through the Responses API, with a reasoning effort when one is set."""
+"""OpenAI models through the Responses API, streamed or not, with a reasoning effort when one is set."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import openai
+from openai.types.responses import Response
 
-from hpc_executor.llm.base import LLMRequest
-from hpc_executor.llm.retry import Completion, RetryingLLM, SdkErrors, log
+from hpc_executor.llm.base import LLMRequest, LLMSpec
+from hpc_executor.llm.retry import Completion, RetryingLLM, SdkErrors, StreamFailed, log
+
+
+def sampling(spec: LLMSpec, reasoning: dict[str, Any]) -> dict[str, Any]:
+    """``reasoning`` (the API's spelling of the effort) when an effort is set, else the temperature.
+    Reasoning models reject sampling parameters, so temperature goes only without reasoning, and only
+    when it is not the API default (1.0)."""
+    if spec.reasoning_effort:
+        return reasoning
+    return {"temperature": spec.temperature} if spec.temperature != 1.0 else {}
 
 
 class OpenAILLM(RetryingLLM):
@@ -17,6 +27,7 @@ class OpenAILLM(RetryingLLM):
         connection_error=openai.APIConnectionError,
         timeout_error=openai.APITimeoutError,
     )
+    api_name = "the OpenAI Responses API"
 
     def _make_client(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(
@@ -29,22 +40,38 @@ class OpenAILLM(RetryingLLM):
             "model": spec.model,
             "input": request.prompt,
             "max_output_tokens": spec.max_tokens,
+            **sampling(spec, {"reasoning": {"effort": spec.reasoning_effort}}),
         }
         if request.system:
             kwargs["instructions"] = request.system
-        if spec.reasoning_effort:
-            # Reasoning models reject sampling parameters, so temperature goes only without reasoning,
-            # and only when it is not the API default (1.0).
-            kwargs["reasoning"] = {"effort": spec.reasoning_effort}
-        elif spec.temperature != 1.0:
-            kwargs["temperature"] = spec.temperature
-        response = self._client.responses.create(**kwargs)
-        if response.status == "incomplete":
+        response = self._streamed(kwargs) if spec.stream else self._client.responses.create(**kwargs)
+        truncated = response.status == "incomplete"
+        if truncated:
             reason = response.incomplete_details.reason if response.incomplete_details else "unknown"
             log.warning(
                 "%s: answer incomplete (%s), max_output_tokens=%d", self.label, reason, spec.max_tokens
             )
         usage = response.usage
         return Completion(
-            response.output_text, usage.input_tokens if usage else 0, usage.output_tokens if usage else 0
+            response.output_text,
+            int(usage.input_tokens) if usage else 0,
+            int(usage.output_tokens) if usage else 0,
+            truncated,
         )
+
+    def _streamed(self, kwargs: dict[str, Any]) -> Response:
+        """The response a stream ends with: its last event carries it whole, usage included."""
+        with self._client.responses.create(**kwargs, stream=True) as events:
+            for event in events:
+                if event.type in ("response.completed", "response.incomplete"):
+                    return event.response
+                # A kind is always given: None would read as a stream that merely ended early.
+                if event.type == "response.failed":
+                    error = event.response.error
+                    raise StreamFailed(error.code, error.message) if error else StreamFailed(event.type, "")
+                if event.type == "error":
+                    raise StreamFailed(event.code or "error", event.message)
+        raise StreamFailed(None, "the stream ended without response.completed")
+
+    def _find_model(self) -> None:
+        self._client.models.retrieve(self.spec.model)  # 404 for a name the API does not know
