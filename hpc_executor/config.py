@@ -86,7 +86,6 @@ class ModelConfig:
     implementer: LLMConfig = field(default_factory=LLMConfig)
     samples: int = 10  # diffs sampled in parallel per idea (paper: 10)
     revisions: int = 2  # revisions per sample with the error fed back (paper: 2)
-    parallel_calls: int = 8  # implementer requests in flight at once, over all ideas and samples
 
 
 @dataclass

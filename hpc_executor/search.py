@@ -33,8 +33,10 @@ from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
 from hpc_executor.ideator import Ideator, Proposal
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
-from hpc_executor.llm import make_llm, spec_from_config
+from hpc_executor.llm import LLM, make_llm, spec_from_config
 from hpc_executor.llm.credentials import required_env_vars
+from hpc_executor.llm.retry import RetryingLLM
+from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
@@ -49,6 +51,8 @@ IDEATION_ATTEMPTS = 3  # calls per group of empty slots before the epoch goes on
 MAX_SUBMISSIONS = 2  # a trial whose job vanished or was preempted runs again, once
 MAY_COME_BACK = (JobState.PREEMPTED, JobState.NODE_FAIL, JobState.UNKNOWN)
 BASELINE_ID = "baseline"
+ROLES = ("ideator", "implementer")
+NOT_STARTED_URL = "http://model-server-not-started.invalid/v1"
 
 
 class Search:
@@ -57,10 +61,13 @@ class Search:
         self.run_dir = run_dir
         self.env = Environment(cfg.env)
         preflight(cfg, self.env)
-        self.ideator_llm = make_llm(spec_from_config(cfg.model.ideator))
-        self.implementer_llm = make_llm(spec_from_config(cfg.model.implementer))
+        self.ideator_llm, self.implementer_llm = (self._make_llm(role) for role in ROLES)
+        for role in ROLES:  # a wrong model name or key fails here, before any work is queued
+            if not cfg.model[role].serve.enabled:
+                self._llm(role).check_model()
         # The clients hold their keys now; nothing this process starts may inherit them.
         drop_secrets_from_environ()
+        self._servers_by_key: dict[str, ModelServer] = {}  # by a hash of model and serve config
         self.strategy = make_strategy(cfg.strategy, cfg.seed)
         self.scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
         self.ideator = Ideator(self.ideator_llm, self.env, cfg.model.ideator.thinking_budget,
@@ -68,12 +75,51 @@ class Search:
         self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
         self._budget_noted = False
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
-                                       cfg.model.implementer.thinking_budget, cfg.model.parallel_calls,
+                                       cfg.model.implementer.thinking_budget, cfg.model.implementer.max_concurrency,
                                        self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
 
     # -- set-up --------------------------------------------------------------------------------
+    def _make_llm(self, role: str) -> LLM:
+        spec = spec_from_config(self.cfg.model[role])
+        if self.cfg.model[role].serve.enabled:
+            spec.base_url = NOT_STARTED_URL  # until start_servers() points the client at the server
+        return make_llm(spec)
+
+    def _llm(self, role: str) -> LLM:
+        return self.ideator_llm if role == "ideator" else self.implementer_llm
+
+    def start_servers(self) -> None:
+        """Serve the open models that roles asked to have served (one server per distinct model and
+        serve config), or adopt the ones an earlier driver of this run left running."""
+        urls: dict[str, str] = {}
+        for role in ROLES:
+            cfg = self.cfg.model[role]
+            if not cfg.serve.enabled:
+                continue
+            key = hashlib.sha256(f"{cfg.model}|{OmegaConf.to_yaml(cfg.serve)}".encode()).hexdigest()[:12]
+            if key not in urls:
+                server = ModelServer(
+                    cfg.model, cfg.serve, self.scheduler, self.run_dir / "model_servers" / key
+                )
+                meta = f"model_server_job:{key}"
+                job_id = self.ledger.get_meta(meta)
+                urls[key] = (server.adopt(job_id) if job_id else None) or server.start()
+                self.ledger.set_meta(meta, server.job_id)
+                self._servers_by_key[key] = server
+            llm = self._llm(role)
+            assert isinstance(llm, RetryingLLM)  # serve.enabled is for the openai_compatible provider
+            llm.point_at(urls[key])
+            llm.check_model()
+
+    def stop_servers(self) -> None:
+        """Cancel the run's model servers (a no-op when there are none, or they are stopped already)."""
+        for key, server in self._servers_by_key.items():
+            server.stop()
+            self.ledger.set_meta(f"model_server_job:{key}", None)
+        self._servers_by_key.clear()
+
     def open(self) -> None:
         """Prepare the data, and open (or create) the run's ledger, checking it is this run's."""
         self.env.prepare()
@@ -82,6 +128,7 @@ class Search:
         self.meter.add(self.ledger.spent_usd())
         self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
+        self.start_servers()
 
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
@@ -126,7 +173,11 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.stop_servers()  # one of two servers may have started
+            raise
         s = self.cfg.strategy
         log.info(
             "run %s: env %s, strategy %s (%d epochs x %d ideas), ideator %s, implementer %s, scheduler %s",
@@ -141,6 +192,8 @@ class Search:
             for epoch in range(s.epochs):
                 self.ideate(epoch)
                 self.implement(epoch)
+                if epoch + 1 == s.epochs or self.meter.exhausted():
+                    self.stop_servers()  # no call is left to make: free the servers' GPUs for the trials
                 self.create_trials(epoch)
                 self.execute(epoch)
                 self.progress.baseline = self.baseline_reward()
@@ -151,6 +204,8 @@ class Search:
         except KeyboardInterrupt:
             self.interrupted()
             raise
+        finally:
+            self.stop_servers()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
 
@@ -456,6 +511,10 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         if not os.environ.get(var):
             problems.append(f"{var} is not set (needed by the {' and the '.join(users)}); export it, "
                             "or try the pipeline with +model=offline")  # fmt: skip
+    for role in ROLES:
+        if cfg.model[role].serve.enabled and cfg.model[role].provider != "openai_compatible":
+            problems.append(f"model.{role}.serve.enabled is true but its provider is {cfg.model[role].provider}: "
+                            f"only provider openai_compatible can be served (e.g. model.{role}=qwen3_vllm)")  # fmt: skip
     if cfg.scheduler.name == "slurm" and not shutil.which("sbatch"):
         problems.append(
             "scheduler=slurm but sbatch is not on PATH; run on a Slurm login node or use scheduler=local"

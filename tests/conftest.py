@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+# A test that forgets a base_url must fail here, not reach the internet: the SDKs read these when
+# base_url is unset, and every process a test starts inherits them.
+os.environ["ANTHROPIC_BASE_URL"] = os.environ["OPENAI_BASE_URL"] = "http://127.0.0.1:9"
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_CONF = REPO / "tests" / "conf"
 QUICK_DIR = REPO / "tests" / "envs" / "quick"

@@ -22,6 +22,8 @@ GOOD_DIFF = ("```diff\n--- a/params.py\n+++ b/params.py\n@@ -1,4 +1,4 @@\n"
 def test_search_with_real_sdks_against_the_loopback_server(tmp_path: Path) -> None:
     with FakeLLMServer() as server:
         server.script(
+            "ok",  # the start-up checks of both models (GET /v1/models/...)
+            "ok",
             429,
             Reply(text=IDEA),  # ideator: rate limited, then the idea (anthropic)
             529,
@@ -36,10 +38,12 @@ def test_search_with_real_sdks_against_the_loopback_server(tmp_path: Path) -> No
             *[f"model.{role}.{kv}" for role in ("ideator", "implementer") for kv in fast],
             cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy", "OPENAI_API_KEY": "sk-dummy"},
         )  # fmt: skip
-        paths = [r.path for r in server.requests]
-        revise_prompt = server.requests[-1].body["input"]
+        checks = [r.path for r in server.requests if r.method == "GET"]
+        posts = [r for r in server.requests if r.method == "POST"]
+        revise_prompt = posts[-1].body["input"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert paths == ["/v1/messages"] * 2 + ["/v1/responses"] * 3
+    assert checks == ["/v1/models/claude-sonnet-4-5", "/v1/models/gpt-5"]  # both models checked at start-up
+    assert [r.path for r in posts] == ["/v1/messages"] * 2 + ["/v1/responses"] * 3
     assert "could not be used" in revise_prompt and "LEARNING_RATE = 0.7" in revise_prompt
 
     frames = ledger_module.load(tmp_path / "outputs/quick-sonnet_ideas_gpt5_code-evolution-seed0")
@@ -53,10 +57,13 @@ def test_search_with_real_sdks_against_the_loopback_server(tmp_path: Path) -> No
 
 def test_a_failing_llm_is_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     with FakeLLMServer() as server:
-        server.script(*[500] * 9)  # every ideator attempt of all three tries fails
+        server.script(
+            "ok", "ok", *[500] * 9
+        )  # the model checks pass; every ideator attempt of all three tries fails
         proc = run_search(
             "+env=quick", "+model=sonnet", "strategy.epochs=1", "strategy.batch_size=1", "strategy.call_size=1",
             f"model.ideator.base_url={server.url}", "model.ideator.backoff_s=0.01", "model.ideator.max_retries=2",
+            f"model.implementer.base_url={server.url}",
             cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy"},
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -71,11 +78,13 @@ def test_a_spent_budget_stops_new_calls_and_a_larger_one_resumes(tmp_path: Path)
     with FakeLLMServer() as server:
         urls = [f"model.{role}.base_url={server.url}" for role in ("ideator", "implementer")]
         env = {"ANTHROPIC_API_KEY": "sk-ant-dummy"}
-        server.script(Reply(text=IDEA))  # 120 tokens in at $3/M + 45 out at $15/M = $0.001035
+        server.script(
+            "ok", "ok", Reply(text=IDEA)
+        )  # model checks, then 120 tokens in at $3/M + 45 out at $15/M = $0.001035
         first = run_search(*args, *urls, "budget_usd=0.001", cwd=tmp_path, env=env)
-        server.script(Reply(text=GOOD_DIFF.replace("```diff", "```")))
+        server.script("ok", "ok", Reply(text=GOOD_DIFF.replace("```diff", "```")))
         second = run_search(*args, *urls, "budget_usd=1", cwd=tmp_path, env=env)
-        paths = [r.path for r in server.requests]
+        paths = [r.path for r in server.requests if r.method == "POST"]
     assert first.returncode == 0, first.stderr[-3000:]
     assert "LLM budget reached ($0.0010 of $0.0010 spent)" in first.stdout
     assert "1 ideas left unimplemented" in first.stdout
@@ -90,3 +99,15 @@ def test_a_spent_budget_stops_new_calls_and_a_larger_one_resumes(tmp_path: Path)
     usage_rows = [line.split("│") for line in second.stdout.splitlines() if line.count("│") == 8]
     assert [cells[1].strip() for cells in usage_rows] == ["ideator", "implementer", "all"]
     assert "$0.0021 of $1.00 spent" in second.stdout
+
+
+def test_an_unknown_model_stops_the_run_before_any_work(tmp_path: Path) -> None:
+    with FakeLLMServer() as server:
+        proc = run_search(
+            "+env=quick", "+model=sonnet", f"model.ideator.base_url={server.url}", "model.ideator.model=claude-nope",
+            f"model.implementer.base_url={server.url}", cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy"},
+        )  # fmt: skip
+        posts = [r for r in server.requests if r.method == "POST"]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "anthropic:claude-nope: model check" in proc.stderr and "HTTP 404" in proc.stderr
+    assert posts == [] and not (tmp_path / "outputs").exists()

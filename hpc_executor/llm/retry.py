@@ -10,7 +10,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import httpx2
@@ -151,6 +151,12 @@ class RetryingLLM(LLM):
             attempts=outcome.attempts,
             truncated=done.truncated,
         )
+
+    def point_at(self, base_url: str) -> None:
+        """Send calls to ``base_url`` from now on: a model server the run started after this client was made."""
+        self.spec = replace(self.spec, base_url=base_url)
+        self._client = self._client.with_options(base_url=base_url)
+        self._limiter = limiter_for(self.spec)
 
     def check_model(self) -> None:
         """Raise PreflightError unless the endpoint knows the model and accepts the key; retried like a call."""
