@@ -566,6 +566,7 @@ def usage_message(missing: list[str]) -> str:
 
 @hydra.main(config_path="../conf", config_name="search", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per LLM request drowns the progress lines
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]

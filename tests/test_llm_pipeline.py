@@ -4,10 +4,12 @@ a failed LLM call is recorded and the run goes on; tokens and cost land in the l
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from conftest import run_search
+import yaml
+from conftest import REPO, run_search
 from fakes.llm_server import FakeLLMServer, Reply
 
 from hpc_executor import ledger as ledger_module
@@ -111,3 +113,39 @@ def test_an_unknown_model_stops_the_run_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "anthropic:claude-nope: model check" in proc.stderr and "HTTP 404" in proc.stderr
     assert posts == [] and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_search_on_real_sdks_with_ideas_as_json_and_catalog_diffs(tmp_path: Path) -> None:
+    """The issue's acceptance run: the tiny environment, both roles on the loopback server, scripted
+    with real ideas (in JSON, not the asked-for tags) and real diffs (one with miscounted hunk headers)."""
+    catalog = {e["id"]: e for e in yaml.safe_load((REPO / "environments/tiny/catalog.yaml").read_text())}
+    chosen = [catalog["higher_lr"], catalog["warmup_cosine"]]
+    ideas = json.dumps([{"title": e["title"], "description": e["description"]} for e in chosen])
+    diffs = []
+    for entry in chosen:
+        diff = entry["diff"]
+        for name, values in entry.get("params", {}).items():
+            diff = diff.replace(f"<<{name}>>", values[0])
+        diffs.append(
+            Reply(text=f"Here is the change.\n```diff\n{diff}```", input_tokens=9000, output_tokens=700)
+        )
+    with FakeLLMServer() as server:
+        server.script(
+            "ok", "ok", Reply(text=f"```json\n{ideas}\n```", input_tokens=5000, output_tokens=900), *diffs
+        )
+        proc = run_search(
+            "+env=tiny", "+model=opus", "strategy.epochs=1", "strategy.batch_size=2", "strategy.call_size=2",
+            "model.samples=1", "model.implementer.max_concurrency=1",
+            f"model.ideator.base_url={server.url}", f"model.implementer.base_url={server.url}",
+            cwd=tmp_path, env={"ANTHROPIC_API_KEY": "sk-ant-dummy"}, timeout=900,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    frames = ledger_module.load(tmp_path / "outputs/tiny-opus-evolution-seed0")
+    results = frames["results"].set_index("trial_id")
+    assert list(results.loc[["e0-000-t0", "e0-001-t0"], "status"]) == ["ok", "ok"]
+    assert (results.loc[["e0-000-t0", "e0-001-t0"], "reward"] > results.loc["baseline-t0", "reward"]).all()
+    calls = frames["llm_calls"]
+    # Opus at $5/$25 per million: 5000 in + 900 out, then twice 9000 in + 700 out
+    assert calls.cost_usd.sum() == pytest.approx((5000 * 5 + 900 * 25 + 2 * (9000 * 5 + 700 * 25)) / 1e6)
+    assert "LLM usage" in proc.stdout and "$0.1725" in proc.stdout

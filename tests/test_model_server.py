@@ -10,9 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import run_search
 from omegaconf import OmegaConf
 from test_slurm import slurm
 
+from hpc_executor import ledger as ledger_module
 from hpc_executor.config import SchedulerConfig, ServeConfig
 from hpc_executor.errors import PreflightError
 from hpc_executor.model_server import ModelServer
@@ -115,3 +117,47 @@ def test_the_command_gets_the_model_and_gpus(tmp_path: Path) -> None:
     server = ModelServer("Qwen/Qwen3-30B-A3B", cfg, scheduler(tmp_path, "local"), tmp_path)
     assert server.command() == ["vllm", "serve", "Qwen/Qwen3-30B-A3B", "--port", "{port}",
                                 "--tensor-parallel-size", "4"]  # fmt: skip
+
+
+FAKE_SERVER = Path(__file__).parent / "fakes" / "llm_server.py"
+IDEA_AND_DIFF = (  # one answer serves both roles: the ideator reads the idea, the implementer the diff
+    "<idea><title>Raise the learning rate</title><description>Use 0.4 instead of 0.1.</description></idea>\n"
+    "```diff\n--- a/params.py\n+++ b/params.py\n@@ -2,1 +2,1 @@\n-LEARNING_RATE = 0.1\n+LEARNING_RATE = 0.4\n```\n"
+)
+
+
+def served_search(tmp_path: Path, *extra: str):
+    reply = tmp_path / "reply.txt"
+    reply.write_text(IDEA_AND_DIFF)
+    command = [sys.executable, str(FAKE_SERVER), "--host", "0.0.0.0", "--port", "{port}", "--models", "{model}",
+               "--reply-text-file", str(reply)]  # fmt: skip
+    serve = [f"model.{role}.serve.{key}={value}" for role in ("ideator", "implementer") for key, value in
+             {"enabled": "true", "command": "[" + ",".join(f"'{a}'" for a in command) + "]", "gpus": 0, "cpus": 1,
+              "mem_gb": 1, "startup_timeout_s": 120}.items()]  # fmt: skip
+    return run_search("+env=quick", "+model=qwen3_vllm", "strategy.epochs=1", "strategy.batch_size=1",
+                      "strategy.call_size=1", "model.samples=1", *serve, *extra, cwd=tmp_path)  # fmt: skip
+
+
+def check_served_run(tmp_path: Path, proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("is up at http://") == 1  # both roles share one server
+    url = out.split("is up at ", 1)[1].split()[0]
+    assert "cancelled" in out and not answers(url)  # stopped at the end of the run
+    frames = ledger_module.load(tmp_path / "outputs/quick-qwen3_vllm-evolution-seed0")
+    calls = frames["llm_calls"]
+    assert set(calls.provider) == {"openai_compatible"} and set(calls.model) == {"Qwen/Qwen3-30B-A3B"}
+    assert list(calls.outcome) == ["ok", "applied"] and (calls.output_tokens > 0).all()
+    result = frames["results"].set_index("trial_id").loc["e0-000-t0"]
+    assert result.status == "ok" and result.reward > 9.95
+    assert frames["trials"].set_index("trial_id").loc["e0-000-t0", "state"] == "done"
+
+
+def test_a_search_serves_its_open_model_locally_and_stops_it(tmp_path: Path) -> None:
+    check_served_run(tmp_path, served_search(tmp_path))
+
+
+@slurm
+def test_a_search_serves_its_open_model_on_slurm_and_stops_it(tmp_path: Path) -> None:
+    check_served_run(tmp_path, served_search(tmp_path, "scheduler=slurm", "scheduler.poll_interval_s=0.5",
+                                              "scheduler.poll_interval_max_s=1"))  # fmt: skip
