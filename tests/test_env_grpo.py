@@ -84,6 +84,16 @@ def r1(answer: str) -> str:
         (r1("1 + 2x"), "2x+1"),
         (r1("\\text{(B)}"), "(B)"),
         (r1("\\frac{\\pi}{2}"), "\\pi/2"),
+        # the forms of one half
+        (r1("1/2"), "\\frac{1}{2}"),
+        (r1("\\boxed{\\frac12}"), "\\frac{1}{2}"),
+        (r1("\\dfrac{1}{2}"), "0.5"),
+        (r1("The answer is $\\boxed{0.5}$."), "\\frac12"),
+        (r1("50\\%"), "50"),  # MATH's percent answers are the number
+        (r1("50%"), "50\\%"),
+        (r1("\\text{odd}"), "odd"),  # words: compared as words, case aside
+        (r1("Monday"), "\\text{Monday}"),
+        (r1("\\{2, 1\\}"), "\\{1,2\\}"),
     ],
 )
 def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) -> None:
@@ -102,6 +112,17 @@ def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) 
         (r1("[1, 2)"), "(1,2)"),  # interval brackets differ
         (r1("(1, 2, 3)"), "(1,2)"),
         (r1("8") + " <answer>7</answer>", "7"),  # only the first answer block counts
+        ("", "7"),  # empty response
+        ("</think> <answer></answer>", "7"),  # empty answer
+        ("<think> 7 </think> <answer> 7 <answer>", "7"),  # answer tag never closed
+        (r1("\\boxed{7"), "7"),  # box never closed
+        (r1("\\frac{1}{3}"), "\\frac{1}{2}"),
+        (r1("0.33"), "\\frac{1}{3}"),  # too few digits to be a third
+        (r1("sey"), "yes"),  # math-verify alone would read both as the product s*e*y
+        (r1("even"), "odd"),
+        (r1("1 \\text{ or } 2"), "1"),  # hedges
+        (r1("\\boxed{1} or \\boxed{2}"), "1"),
+        (r1("\\pm 1"), "1"),
     ],
 )
 def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) -> None:
@@ -110,7 +131,16 @@ def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) 
 
 @pytest.mark.parametrize(
     "payload",
-    ['__import__("os").system("true")', "(((9^64)^64)^64)^64", "9^9^9^9", "x" * 5000, "1/0"],
+    [
+        '__import__("os").system("true")',
+        "(((9^64)^64)^64)^64",
+        "9^9^9^9",
+        "9^{9^{9^{9}}}",
+        "(10^{10})!",
+        "7^{12345678} - 7^{12345678}",
+        "x" * 5000,
+        "1/0",
+    ],
 )
 def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
     start = time.monotonic()
@@ -118,12 +148,21 @@ def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
     assert time.monotonic() - start < 3
 
 
-def test_normalize_answer() -> None:
-    assert grader.normalize_answer("\\boxed{ \\dfrac{1}{2} }") == "\\frac{1}{2}"
-    assert grader.normalize_answer("$\\frac34$.") == "\\frac{3}{4}"
-    assert grader.normalize_answer("50\\%") == "50"
+def test_extract_answer_takes_the_first_answer_block_and_its_box() -> None:
     assert grader.extract_answer("a </think>  <answer> \\boxed{42} </answer> tail") == "42"
+    assert grader.extract_answer("a </think><answer> x = \\boxed{\\frac{1}{2}}.</answer>") == "\\frac{1}{2}"
+    assert grader.extract_answer("</think> <answer> 7 </answer> <answer> 8 </answer>") == "7"
     assert grader.extract_answer("<think> no answer") is None
+    assert grader.extract_answer("</think> text <answer> 7 </answer>") is None  # text between the tags
+
+
+@needs_transformers
+def test_evaluator_and_training_reward_use_the_same_grader(grpo_modules) -> None:
+    evaluate_module = importlib.import_module("evaluate")  # baseline/ is first on sys.path
+    reward = sys.modules["reward"]
+    assert evaluate_module.is_correct is reward.is_correct is sys.modules["grader"].is_correct
+    assert reward.r1_zero_reward(r1("\\dfrac12"), "0.5") == {"format_reward": 1.0, "reward": 1.0}
+    assert reward.r1_zero_reward(r1("0.4"), "0.5") == {"format_reward": 1.0, "reward": 0.0}
 
 
 # ---- evaluator -----------------------------------------------------------------------------------
@@ -239,7 +278,9 @@ def grpo_modules(monkeypatch: pytest.MonkeyPatch):
     """The baseline's training modules imported in-process (they import each other by name)."""
     monkeypatch.syspath_prepend(str(BASELINE))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # keep baseline/ pristine
-    names = ("grader", "grpo_loss", "reward", "rollout", "grpo")
+    names = ("grader", "grpo_loss", "reward", "rollout", "grpo", "evaluate")
+    for name in names:  # an `evaluate` package (HF's) must not stand in for baseline/evaluate.py
+        sys.modules.pop(name, None)
     yield importlib.import_module("grpo")
     for name in names:
         sys.modules.pop(name, None)
