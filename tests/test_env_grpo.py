@@ -257,8 +257,33 @@ def test_synthetic_data_is_deterministic(tmp_path: Path) -> None:
     test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
     train = (tmp_path / "a" / "train.jsonl").read_text().splitlines()
     assert len(test) == 32 and len(train) == 256
-    assert all(set(row) == {"problem", "answer"} for row in test)
+    assert all(set(row) == {"problem", "solution", "answer"} for row in test)
     assert any("\\frac" in row["answer"] for row in test)  # the grader's LaTeX path is exercised
+
+
+def test_math_path_writes_problem_solution_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real MATH path with a stand-in for `datasets` (no network here): 7,500 + 500 problems."""
+    prepare = load_module("grpo_env_prepare", BASELINE / "prepare_data.py")
+    subjects = prepare.MATH_SUBJECTS
+
+    def load_dataset(name: str, subject: str | None = None, split: str = "") -> list[dict]:
+        if name == prepare.MATH_TEST:
+            return [{"problem": f"t{i}", "solution": f"\\boxed{{{i}}}", "answer": str(i)} for i in range(500)]
+        count = 1072 if subjects.index(subject) < 3 else 1071  # 3 * 1072 + 4 * 1071 = 7500
+        solution = "First $\\boxed{{1}}$, then $x = \\boxed{{\\frac{{{i}}}{{2}}}}$."
+        return [{"problem": f"{subject} {i}", "solution": solution.format(i=i)} for i in range(count)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    prepare.prepare_math(tmp_path)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (7500, 500)
+    assert train[3] == {"problem": "algebra 3", "solution": "First $\\boxed{1}$, then $x = \\boxed{\\frac{3}{2}}$.",
+                        "answer": "\\frac{3}{2}"}  # fmt: skip
+    assert test[7] == {"problem": "t7", "solution": "\\boxed{7}", "answer": "7"}
+    monkeypatch.setattr(prepare, "MATH_SUBJECTS", subjects[:-1])  # a subject missing: the counts say so
+    with pytest.raises(SystemExit, match="expected 7500 train / 500 test problems, got 6429 / 500"):
+        prepare.prepare_math(tmp_path)
 
 
 @pytest.fixture(scope="module")

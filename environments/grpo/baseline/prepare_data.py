@@ -3,7 +3,8 @@
 Real data (paper scale, needs network and the `datasets` package):
     HPCX_DATA_DIR=... python prepare_data.py
 writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution)
-and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line: {"problem", "answer"}.
+and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line:
+{"problem", "solution", "answer"}.
 
 CPU preset (offline, about 15 s on one thread):
     HPCX_DATA_DIR=... python prepare_data.py --synthetic --tiny-model
@@ -73,9 +74,10 @@ def prepare_math(out: Path) -> None:
             answer = last_boxed(ex["solution"])
             if answer is None:
                 raise SystemExit(f"no \\boxed answer in a {subject} training solution")
-            train.append({"problem": ex["problem"], "answer": answer})
+            train.append({"problem": ex["problem"], "solution": ex["solution"], "answer": answer})
     test = [
-        {"problem": ex["problem"], "answer": ex["answer"]} for ex in load_dataset(MATH_TEST, split="test")
+        {"problem": ex["problem"], "solution": ex["solution"], "answer": ex["answer"]}
+        for ex in load_dataset(MATH_TEST, split="test")
     ]
     if (len(train), len(test)) != (7500, 500):
         raise SystemExit(f"expected 7500 train / 500 test problems, got {len(train)} / {len(test)}")
@@ -90,14 +92,32 @@ def synthetic_problem(rng: random.Random) -> dict:
     kind = rng.choice(["parity", "larger", "add", "fraction"])
     if kind == "parity":
         n = rng.randint(1, 99)
-        return {"problem": f"Is ${n}$ even or odd?", "answer": "odd" if n % 2 else "even"}
+        answer = "odd" if n % 2 else "even"
+        return _math_row(
+            f"Is ${n}$ even or odd?", f"${n}$ leaves remainder ${n % 2}$ when divided by 2", answer
+        )
     if kind == "larger":
-        return {"problem": f"Which is larger, ${a}$ or ${b}$?", "answer": str(max(a, b))}
+        return _math_row(
+            f"Which is larger, ${a}$ or ${b}$?", f"The larger number is ${max(a, b)}$", str(max(a, b))
+        )
     if kind == "add":
-        return {"problem": f"What is ${a} + {b}$?", "answer": str(a + b)}
+        return _math_row(f"What is ${a} + {b}$?", f"${a} + {b} = {a + b}$", str(a + b))
     q = Fraction(a, b)
     answer = str(q.numerator) if q.denominator == 1 else f"\\frac{{{q.numerator}}}{{{q.denominator}}}"
-    return {"problem": f"Simplify $\\frac{{{a}}}{{{b}}}$.", "answer": answer}
+    return _math_row(
+        f"Simplify $\\frac{{{a}}}{{{b}}}$.",
+        f"Dividing ${a}$ and ${b}$ by their greatest common divisor gives ${answer}$",
+        answer,
+    )
+
+
+def _math_row(problem: str, reasoning: str, answer: str) -> dict:
+    """A row in MATH's layout: the solution ends with the boxed answer."""
+    return {
+        "problem": problem,
+        "solution": f"{reasoning}, so the answer is $\\boxed{{{answer}}}$.",
+        "answer": answer,
+    }
 
 
 def prepare_synthetic(out: Path, seed: int = 0) -> None:
