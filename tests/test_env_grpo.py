@@ -544,6 +544,23 @@ def test_training_moves_probability_towards_rewarded_responses(
     assert after[0] > before[0] and after[1] < before[1]
 
 
+@needs_transformers
+def test_gpu_smoke_script_runs_on_the_cpu() -> None:
+    """The GPU smoke script's CPU mode: a random tiny Qwen2 through grpo_step with HF generate."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.run(
+        [sys.executable, str(ENV_DIR / "gpu_smoke.py"), "--device", "cpu", "--steps", "2"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["rollout_tokens_per_s"] > 0 for s in steps)
+    smoke = json.loads(proc.stdout.splitlines()[-1].removeprefix("smoke "))
+    assert smoke["backend"] == "hf" and smoke["device"] == "cpu" and smoke["responses_per_step"] == 16
+    assert smoke["train_step_s"] > 0 and smoke["peak_memory_mib"] is None
+    assert not (BASELINE / "__pycache__").exists(), "the smoke run must leave baseline/ pristine"
+
+
 def run_cpu_trial(data: Path, tmp_path: Path, budget_s: float) -> tuple[subprocess.CompletedProcess, Path]:
     workspace = tmp_path / "workspace"
     shutil.copytree(BASELINE, workspace)
