@@ -147,6 +147,24 @@ def test_configs_require_what_prepare_data_writes(synthetic_data: Path) -> None:
     assert CPU_CONF["reward"]["metric_min"] < floor
 
 
+def test_shard_round_trip_over_the_whole_uint16_range(tmp_path: Path) -> None:
+    """GPT-2 ids reach 50256: above int16's range, so a signed reader would turn them negative."""
+    tokens = np.array([0, 1, 511, 32767, 32768, 50256, 65535, 7], dtype=np.int64)
+    path = tmp_path / "fineweb_val_000000.bin"
+    prepare_data.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert (header[0], header[1], header[2]) == (
+        20240520,
+        1,
+        len(tokens),
+    ) and path.stat().st_size == 1024 + 16
+    train_gpt = load("train_gpt")
+    assert np.asarray(train_gpt.read_shard(str(path))).tolist() == tokens.tolist()
+    assert evaluate.load_val_tokens(tmp_path, len(tokens)).tolist() == tokens.tolist()
+    with pytest.raises(AssertionError, match="uint16"):
+        prepare_data.write_shard(tmp_path / "big.bin", np.array([65536]))
+
+
 def test_shard_reader_of_training_and_evaluator_agree(synthetic_data: Path) -> None:
     train_gpt = load("train_gpt")
     from_train = np.asarray(train_gpt.read_shard(str(synthetic_data / "fineweb_val_000000.bin")))[:500]

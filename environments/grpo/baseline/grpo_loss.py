@@ -128,21 +128,18 @@ def microbatch_train_step(
     response_mask: torch.Tensor,
     gradient_accumulation_steps: float,
     loss_type: str,
-    raw_rewards: torch.Tensor | None = None,
-    advantages: torch.Tensor | None = None,
-    old_log_probs: torch.Tensor | None = None,
-    clip_range: float | None = None,
+    **loss_inputs: torch.Tensor | float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Backward pass of one micro-batch: the per-token loss is averaged over each response's tokens,
-    then over the responses, and divided by gradient_accumulation_steps (the optimizer batch is that
-    many micro-batches of this size, so the accumulated gradient is the optimizer batch's mean).
+    """Backward pass of one micro-batch: the per-token loss of `loss_type` (loss_inputs are what
+    policy_gradient_loss takes for it: raw_rewards, advantages, old_log_probs, clip_range) is averaged
+    over each response's tokens, then over the responses, and divided by gradient_accumulation_steps
+    (the optimizer batch is that many micro-batches of this size, so the accumulated gradient is the
+    optimizer batch's mean).
 
     Returns the loss that was back-propagated (detached) and the loss's metadata, with `clip_fraction`
     (the share of response tokens that were clipped) for grpo_clip.
     """
-    token_loss, metadata = policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, clip_range
-    )
+    token_loss, metadata = policy_gradient_loss(policy_log_probs, loss_type, **loss_inputs)
     loss = masked_mean(token_loss, response_mask, dim=1).mean() / gradient_accumulation_steps
     loss.backward()
     if "clipped" in metadata:
