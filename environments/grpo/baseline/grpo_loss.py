@@ -47,7 +47,7 @@ def group_normalized_rewards(
         "reward_max": raw_rewards.max().item(),
         "reward_min": raw_rewards.min().item(),
     }
-    for key in scores[0].keys() - {"reward"}:
+    for key in sorted(scores[0].keys() - {"reward"}):
         summary[f"{key}_mean"] = sum(s[key] for s in scores) / len(scores)
     return advantages.reshape(-1), raw_rewards, summary
 
