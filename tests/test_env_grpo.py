@@ -10,9 +10,11 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,16 @@ def r1(answer: str) -> str:
         (r1("1 + 2x"), "2x+1"),
         (r1("\\text{(B)}"), "(B)"),
         (r1("\\frac{\\pi}{2}"), "\\pi/2"),
+        # the forms of one half
+        (r1("1/2"), "\\frac{1}{2}"),
+        (r1("\\boxed{\\frac12}"), "\\frac{1}{2}"),
+        (r1("\\dfrac{1}{2}"), "0.5"),
+        (r1("The answer is $\\boxed{0.5}$."), "\\frac12"),
+        (r1("50\\%"), "50"),  # MATH's percent answers are the number
+        (r1("50%"), "50\\%"),
+        (r1("\\text{odd}"), "odd"),  # words: compared as words, case aside
+        (r1("Monday"), "\\text{Monday}"),
+        (r1("\\{2, 1\\}"), "\\{1,2\\}"),
     ],
 )
 def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) -> None:
@@ -100,6 +112,17 @@ def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) 
         (r1("[1, 2)"), "(1,2)"),  # interval brackets differ
         (r1("(1, 2, 3)"), "(1,2)"),
         (r1("8") + " <answer>7</answer>", "7"),  # only the first answer block counts
+        ("", "7"),  # empty response
+        ("</think> <answer></answer>", "7"),  # empty answer
+        ("<think> 7 </think> <answer> 7 <answer>", "7"),  # answer tag never closed
+        (r1("\\boxed{7"), "7"),  # box never closed
+        (r1("\\frac{1}{3}"), "\\frac{1}{2}"),
+        (r1("0.33"), "\\frac{1}{3}"),  # too few digits to be a third
+        (r1("sey"), "yes"),  # math-verify alone would read both as the product s*e*y
+        (r1("even"), "odd"),
+        (r1("1 \\text{ or } 2"), "1"),  # hedges
+        (r1("\\boxed{1} or \\boxed{2}"), "1"),
+        (r1("\\pm 1"), "1"),
     ],
 )
 def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) -> None:
@@ -108,7 +131,16 @@ def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) 
 
 @pytest.mark.parametrize(
     "payload",
-    ['__import__("os").system("true")', "(((9^64)^64)^64)^64", "9^9^9^9", "x" * 5000, "1/0"],
+    [
+        '__import__("os").system("true")',
+        "(((9^64)^64)^64)^64",
+        "9^9^9^9",
+        "9^{9^{9^{9}}}",
+        "(10^{10})!",
+        "7^{12345678} - 7^{12345678}",
+        "x" * 5000,
+        "1/0",
+    ],
 )
 def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
     start = time.monotonic()
@@ -116,12 +148,21 @@ def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
     assert time.monotonic() - start < 3
 
 
-def test_normalize_answer() -> None:
-    assert grader.normalize_answer("\\boxed{ \\dfrac{1}{2} }") == "\\frac{1}{2}"
-    assert grader.normalize_answer("$\\frac34$.") == "\\frac{3}{4}"
-    assert grader.normalize_answer("50\\%") == "50"
+def test_extract_answer_takes_the_first_answer_block_and_its_box() -> None:
     assert grader.extract_answer("a </think>  <answer> \\boxed{42} </answer> tail") == "42"
+    assert grader.extract_answer("a </think><answer> x = \\boxed{\\frac{1}{2}}.</answer>") == "\\frac{1}{2}"
+    assert grader.extract_answer("</think> <answer> 7 </answer> <answer> 8 </answer>") == "7"
     assert grader.extract_answer("<think> no answer") is None
+    assert grader.extract_answer("</think> text <answer> 7 </answer>") is None  # text between the tags
+
+
+@needs_transformers
+def test_evaluator_and_training_reward_use_the_same_grader(grpo_modules) -> None:
+    evaluate_module = importlib.import_module("evaluate")  # baseline/ is first on sys.path
+    reward = sys.modules["reward"]
+    assert evaluate_module.is_correct is reward.is_correct is sys.modules["grader"].is_correct
+    assert reward.r1_zero_reward(r1("\\dfrac12"), "0.5") == {"format_reward": 1.0, "reward": 1.0}
+    assert reward.r1_zero_reward(r1("0.4"), "0.5") == {"format_reward": 1.0, "reward": 0.0}
 
 
 # ---- evaluator -----------------------------------------------------------------------------------
@@ -216,8 +257,33 @@ def test_synthetic_data_is_deterministic(tmp_path: Path) -> None:
     test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
     train = (tmp_path / "a" / "train.jsonl").read_text().splitlines()
     assert len(test) == 32 and len(train) == 256
-    assert all(set(row) == {"problem", "answer"} for row in test)
+    assert all(set(row) == {"problem", "solution", "answer"} for row in test)
     assert any("\\frac" in row["answer"] for row in test)  # the grader's LaTeX path is exercised
+
+
+def test_math_path_writes_problem_solution_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real MATH path with a stand-in for `datasets` (no network here): 7,500 + 500 problems."""
+    prepare = load_module("grpo_env_prepare", BASELINE / "prepare_data.py")
+    subjects = prepare.MATH_SUBJECTS
+
+    def load_dataset(name: str, subject: str | None = None, split: str = "") -> list[dict]:
+        if name == prepare.MATH_TEST:
+            return [{"problem": f"t{i}", "solution": f"\\boxed{{{i}}}", "answer": str(i)} for i in range(500)]
+        count = 1072 if subjects.index(subject) < 3 else 1071  # 3 * 1072 + 4 * 1071 = 7500
+        solution = "First $\\boxed{{1}}$, then $x = \\boxed{{\\frac{{{i}}}{{2}}}}$."
+        return [{"problem": f"{subject} {i}", "solution": solution.format(i=i)} for i in range(count)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    prepare.prepare_math(tmp_path)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert (len(train), len(test)) == (7500, 500)
+    assert train[3] == {"problem": "algebra 3", "solution": "First $\\boxed{1}$, then $x = \\boxed{\\frac{3}{2}}$.",
+                        "answer": "\\frac{3}{2}"}  # fmt: skip
+    assert test[7] == {"problem": "t7", "solution": "\\boxed{7}", "answer": "7"}
+    monkeypatch.setattr(prepare, "MATH_SUBJECTS", subjects[:-1])  # a subject missing: the counts say so
+    with pytest.raises(SystemExit, match="expected 7500 train / 500 test problems, got 6429 / 500"):
+        prepare.prepare_math(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +303,9 @@ def grpo_modules(monkeypatch: pytest.MonkeyPatch):
     """The baseline's training modules imported in-process (they import each other by name)."""
     monkeypatch.syspath_prepend(str(BASELINE))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # keep baseline/ pristine
-    names = ("grader", "grpo_loss", "reward", "rollout", "grpo")
+    names = ("grader", "grpo_loss", "reward", "rollout", "grpo", "evaluate")
+    for name in names:  # an `evaluate` package (HF's) must not stand in for baseline/evaluate.py
+        sys.modules.pop(name, None)
     yield importlib.import_module("grpo")
     for name in names:
         sys.modules.pop(name, None)
@@ -253,32 +321,192 @@ def test_tiny_tokenizer_round_trips_the_r1_format(cpu_data: Path) -> None:
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
-def test_group_advantages_and_clipping() -> None:
-    import torch
+# ---- GRPO building blocks, against numbers worked out by hand ------------------------------------
 
-    loss = load_module("grpo_env_loss", BASELINE / "grpo_loss.py")
-    adv = loss.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group_size=4)
-    assert adv[:4].sum().abs() < 1e-6 and adv[0] > 0 > adv[1]
-    assert adv[:4].std().item() == pytest.approx(1.0, rel=1e-4)
-    assert torch.equal(adv[4:], torch.zeros(4))  # a group that all succeeded carries no signal
-    centred = loss.group_advantages(torch.tensor([1.0, 0.0]), group_size=2, normalize_std=False)
-    assert centred.tolist() == [0.5, -0.5]
-    # A ratio beyond 1 + clip with a positive advantage: the clipped term wins, no gradient flows.
-    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
-    old = torch.tensor([[-1.0, -1.0]])
-    loss.per_token_loss(logp, old, torch.tensor([1.0]), "grpo_clip", 0.2).sum().backward()
-    assert logp.grad.tolist() == [[0.0, -1.0]]
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    per_seq = loss.sequence_loss(torch.tensor([[1.0, 3.0, 100.0], [4.0, 100.0, 100.0]]), mask)
-    assert per_seq.item() == pytest.approx(3.0)  # mean of the per-response means 2 and 4
+loss_mod = load_module("grpo_env_loss", BASELINE / "grpo_loss.py")
+
+
+def assert_values(tensor: torch.Tensor, expected: list) -> None:
+    torch.testing.assert_close(tensor, torch.tensor(expected))
+
+
+def exact_match_reward(response: str, ground_truth: str) -> dict[str, float]:
+    return {"reward": float(response == ground_truth), "format_reward": float(response != "")}
+
+
+def test_group_normalized_rewards_use_the_unbiased_group_std() -> None:
+    # rewards [1, 0 | 1, 1], group size 2. Group 1: mean 0.5, unbiased std sqrt((0.25 + 0.25) / 1) =
+    # 0.70711, advantages +-0.5 / 0.70711 = +-0.70711. Group 2: mean 1, std 0, advantages 0 / eps = 0.
+    responses, truths = ["a", "b", "c", "d"], ["a", "x", "c", "d"]
+    adv, raw, stats = loss_mod.group_normalized_rewards(exact_match_reward, responses, truths, 2, 1e-6, True)
+    assert raw.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert adv.tolist() == pytest.approx([0.70711, -0.70711, 0.0, 0.0], abs=1e-5)
+    # All four rewards: mean 0.75, unbiased std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5.
+    assert stats == pytest.approx(
+        {
+            "reward_mean": 0.75,
+            "reward_std": 0.5,
+            "reward_max": 1.0,
+            "reward_min": 0.0,
+            "format_reward_mean": 1.0,
+        }
+    )
+    # Group size 3, rewards [1, 0, 0]: mean 1/3, deviations [2/3, -1/3, -1/3], unbiased variance
+    # (4/9 + 1/9 + 1/9) / 2 = 1/3, std 0.57735: advantages [1.15470, -0.57735, -0.57735]
+    # (the biased std 0.47140 would give 1.41421 and -0.70711).
+    adv, _, _ = loss_mod.group_normalized_rewards(
+        exact_match_reward, ["a", "b", "c"], ["a"] * 3, 3, 1e-6, True
+    )
+    assert adv.tolist() == pytest.approx([1.15470, -0.57735, -0.57735], abs=1e-5)
+    # eps is added to the std: group [1, 0] with eps 0.29289 gives 0.5 / (0.70711 + 0.29289) = 0.5.
+    adv, _, _ = loss_mod.group_normalized_rewards(
+        exact_match_reward, ["a", "b"], ["a", "a"], 2, 0.29289, True
+    )
+    assert adv.tolist() == pytest.approx([0.5, -0.5], abs=1e-5)
+
+
+def test_group_normalized_rewards_without_std_normalization() -> None:
+    # rewards [1, 0 | 0, 0 | 1, 1] minus their group means [0.5 | 0 | 1]: [0.5, -0.5, 0, 0, 0, 0].
+    responses, truths = ["a", "b", "c", "d", "e", "f"], ["a", "x", "x", "x", "e", "f"]
+    adv, raw, _ = loss_mod.group_normalized_rewards(exact_match_reward, responses, truths, 2, 1e-6, False)
+    assert adv.tolist() == [0.5, -0.5, 0.0, 0.0, 0.0, 0.0]
+    assert raw.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        loss_mod.group_normalized_rewards(exact_match_reward, responses[:5], truths[:5], 2, 1e-6, False)
+
+
+LOG_P = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+
+
+def test_naive_policy_gradient_losses() -> None:
+    # no_baseline: -raw_reward * log p, rewards [2, 0]: row 1 -2 * [-1, -2] = [2, 4]; row 2 all 0.
+    loss, meta = loss_mod.policy_gradient_loss(LOG_P, "no_baseline", raw_rewards=torch.tensor([2.0, 0.0]))
+    assert loss.tolist() == [[2.0, 4.0], [0.0, 0.0]] and meta == {}
+    # reinforce_with_baseline: -A * log p, A [0.5, -1] as a (B, 1) column: [0.5, 1] and [-0.5, -3].
+    advantages = torch.tensor([[0.5], [-1.0]])
+    loss, _ = loss_mod.policy_gradient_loss(LOG_P, "reinforce_with_baseline", advantages=advantages)
+    assert loss.tolist() == [[0.5, 1.0], [-0.5, -3.0]]
+
+
+def test_grpo_clip_loss_clips_and_reports_the_clipped_tokens() -> None:
+    # ratios exp(log p - log p_old) = [1.5, 0.5, 1.0] in both rows, clip 0.2 -> clipped ratios [1.2, 0.8, 1.0].
+    # Row 1, A = +1: min([1.5, 0.5, 1.0], [1.2, 0.8, 1.0]) = [1.2, 0.5, 1.0], loss [-1.2, -0.5, -1.0],
+    #   clipped where 1.2 < 1.5: token 0.
+    # Row 2, A = -1: min([-1.5, -0.5, -1.0], [-1.2, -0.8, -1.0]) = [-1.5, -0.8, -1.0], loss [1.5, 0.8, 1.0],
+    #   clipped where -0.8 < -0.5: token 1.
+    log_p = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]])).requires_grad_()
+    old = torch.zeros(2, 3)
+    advantages = torch.tensor([1.0, -1.0])
+    loss, meta = loss_mod.policy_gradient_loss(
+        log_p, "grpo_clip", advantages=advantages, old_log_probs=old, clip_range=0.2
+    )
+    assert_values(loss, [[-1.2, -0.5, -1.0], [1.5, 0.8, 1.0]])
+    assert meta["clipped"].tolist() == [[True, False, False], [False, True, False]]
+    # d/dlog p of -rho * A is -rho * A where unclipped, 0 where the clipped (constant) term is the minimum.
+    loss.sum().backward()
+    assert_values(log_p.grad, [[0.0, -0.5, -1.0], [1.5, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="needs old_log_probs, clip_range"):
+        loss_mod.policy_gradient_loss(log_p, "grpo_clip", advantages=advantages)
+    with pytest.raises(ValueError, match="choose one of no_baseline, reinforce_with_baseline, grpo_clip"):
+        loss_mod.policy_gradient_loss(log_p, "reinforce", advantages=advantages)
+
+
+VALUES = torch.tensor([[1.0, 2.0, float("inf")], [4.0, 5.0, 6.0]])  # inf sits under the mask: never read
+MASK = torch.tensor([[True, True, False], [True, False, False]])
+
+
+def test_masked_mean_along_each_dim() -> None:
+    # Unmasked entries: row 0 -> 1, 2; row 1 -> 4. Column 2 has none: its mean is 0, not NaN.
+    assert loss_mod.masked_mean(VALUES, MASK).item() == pytest.approx(7 / 3)  # (1 + 2 + 4) / 3
+    assert loss_mod.masked_mean(VALUES, MASK, dim=1).tolist() == [1.5, 4.0]  # (1 + 2) / 2, 4 / 1
+    assert loss_mod.masked_mean(VALUES, MASK, dim=0).tolist() == [2.5, 2.0, 0.0]  # (1 + 4) / 2, 2 / 1, -
+
+
+def test_masked_normalize_divides_by_a_constant() -> None:
+    assert loss_mod.masked_normalize(VALUES, MASK, 2.0).item() == 3.5  # (1 + 2 + 4) / 2
+    assert loss_mod.masked_normalize(VALUES, MASK, 2.0, dim=1).tolist() == [1.5, 2.0]  # 3 / 2, 4 / 2
+    assert loss_mod.masked_normalize(VALUES, MASK, 2.0, dim=0).tolist() == [2.5, 1.0, 0.0]  # 5/2, 2/2, 0
+
+
+def test_microbatch_train_step_backpropagates_the_scaled_mean() -> None:
+    # -A * log p with A [1, -2]: row 0 [1, 2, (3)], row 1 [-1, -3, -5]; response means (1 + 2) / 2 = 1.5 and
+    # (-1 - 3 - 5) / 3 = -3; their mean -0.75; over 2 accumulation steps -0.375.
+    log_p = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    loss, meta = loss_mod.microbatch_train_step(
+        log_p, mask, 2, "reinforce_with_baseline", advantages=torch.tensor([1.0, -2.0])
+    )
+    assert loss.item() == pytest.approx(-0.375) and not loss.requires_grad and meta == {}
+    # d loss / d log p = -A / (response length * batch size * accumulation steps) on response tokens:
+    # row 0: -1 / (2 * 2 * 2) = -0.125; row 1: 2 / (3 * 2 * 2) = 0.16667; the masked token gets 0.
+    assert_values(log_p.grad, [[-0.125, -0.125, 0.0], [1 / 6, 1 / 6, 1 / 6]])
+
+
+def test_microbatch_train_step_reports_the_clip_fraction() -> None:
+    # The grpo_clip example above, last position masked out: 2 of the 4 response tokens were clipped.
+    log_p = torch.log(torch.tensor([[1.5, 0.5, 1.0], [1.5, 0.5, 1.0]])).requires_grad_()
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    loss, meta = loss_mod.microbatch_train_step(
+        log_p, mask, 1, "grpo_clip", advantages=torch.tensor([1.0, -1.0]), old_log_probs=torch.zeros(2, 3),
+        clip_range=0.2,
+    )  # fmt: skip
+    assert meta["clip_fraction"].item() == 0.5
+    # loss: row means (-1.2 - 0.5) / 2 = -0.85 and (1.5 + 0.8) / 2 = 1.15, batch mean 0.15.
+    assert loss.item() == pytest.approx(0.15)
+
+
+class CharTokenizer:
+    """One token per character (its code point); pad id 0."""
+
+    pad_token_id = 0
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[ord(c) for c in text] for text in texts]}
 
 
 @needs_transformers
-@pytest.mark.parametrize("loss_type", ["grpo_clip", "reinforce"])
+def test_tokenize_prompt_and_output_shifts_and_masks(grpo_modules) -> None:
+    # "ab" + "X" = [a, b, X]; "c" + "Y" = [c, Y] padded to [c, Y, 0]. Inputs drop the last column, labels
+    # the first; the mask marks labels that are output tokens: X in row 0, Y in row 1 (not b, not padding).
+    batch = grpo_modules.tokenize_prompt_and_output(["ab", "c"], ["X", "Y"], CharTokenizer())
+    a, b, c, x, y = (ord(ch) for ch in "abcXY")
+    assert batch["input_ids"].tolist() == [[a, b], [c, y]]
+    assert batch["labels"].tolist() == [[b, x], [y, 0]]
+    assert batch["response_mask"].tolist() == [[False, True], [True, False]]
+
+
+class BigramLM(torch.nn.Module):
+    """A causal LM whose logits at t depend on token t only, with the HF output shape (`.logits`)."""
+
+    def __init__(self, vocab: int = 7) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids: torch.Tensor):
+        return types.SimpleNamespace(logits=self.table(input_ids))
+
+
+@needs_transformers
+def test_response_log_probs_and_entropy_match_a_manual_log_softmax(grpo_modules) -> None:
+    torch.manual_seed(0)
+    model = BigramLM()
+    input_ids, labels = torch.randint(0, 7, (3, 5)), torch.randint(0, 7, (3, 5))
+    out = grpo_modules.response_log_probs(model, input_ids, labels, return_token_entropy=True)
+    log_softmax = torch.log_softmax(model.table(input_ids), dim=-1)
+    torch.testing.assert_close(out["log_probs"], log_softmax.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(out["token_entropy"], -(log_softmax.exp() * log_softmax).sum(dim=-1))
+    assert out["log_probs"].requires_grad and not out["token_entropy"].requires_grad
+    assert "token_entropy" not in grpo_modules.response_log_probs(model, input_ids, labels)
+    # Uniform logits over 7 tokens: entropy ln 7 = 1.94591 at every position.
+    uniform = grpo_modules.token_entropy(torch.zeros(2, 7))
+    assert uniform.tolist() == pytest.approx([1.94591, 1.94591], abs=1e-5)
+
+
+@needs_transformers
+@pytest.mark.parametrize("loss_type", ["grpo_clip", "reinforce_with_baseline"])
 def test_training_moves_probability_towards_rewarded_responses(
     grpo_modules, cpu_data: Path, loss_type: str
 ) -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     grpo = grpo_modules
@@ -288,24 +516,49 @@ def test_training_moves_probability_towards_rewarded_responses(
     cfg = grpo.Config(lr=1e-2, train_batch_size=2, micro_batch_size=1, loss_type=loss_type)
     prompts = ["User: What is 3 + 4?\nAssistant: <think>"] * 2
     responses = [" 3+4=7 </think> <answer> 7 </answer>", " no idea"]
-    batch = grpo.tokenize_rollouts(tokenizer, prompts, responses)
-    assert batch[2].sum(dim=1).tolist() == [
+    batch = grpo.tokenize_prompt_and_output(prompts, responses, tokenizer)
+    assert batch["response_mask"].sum(dim=1).tolist() == [
         len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses
     ]
 
     def response_logp() -> torch.Tensor:
         with torch.no_grad():
-            return (grpo.response_logprobs(policy, batch[0], batch[1]) * batch[2]).sum(dim=1)
+            log_probs = grpo.response_log_probs(policy, batch["input_ids"], batch["labels"])["log_probs"]
+        return (log_probs * batch["response_mask"]).sum(dim=1)
 
     before = response_logp()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr)
     for _ in range(3):
         stats = grpo.train_on_rollouts(
-            policy, optimizer, batch, torch.tensor([1.0, -1.0]), cfg, torch.device("cpu")
+            policy,
+            optimizer,
+            batch,
+            torch.tensor([1.0, 0.0]),
+            torch.tensor([1.0, -1.0]),
+            cfg,
+            torch.device("cpu"),
         )
     after = response_logp()
-    assert stats["grad_norm"] > 0
+    assert stats["grad_norm"] > 0 and stats["entropy"] > 0
+    assert ("clip_fraction" in stats) == (loss_type == "grpo_clip")
     assert after[0] > before[0] and after[1] < before[1]
+
+
+@needs_transformers
+def test_gpu_smoke_script_runs_on_the_cpu() -> None:
+    """The GPU smoke script's CPU mode: a random tiny Qwen2 through grpo_step with HF generate."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.run(
+        [sys.executable, str(ENV_DIR / "gpu_smoke.py"), "--device", "cpu", "--steps", "2"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"step"')]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["rollout_tokens_per_s"] > 0 for s in steps)
+    smoke = json.loads(proc.stdout.splitlines()[-1].removeprefix("smoke "))
+    assert smoke["backend"] == "hf" and smoke["device"] == "cpu" and smoke["responses_per_step"] == 16
+    assert smoke["train_step_s"] > 0 and smoke["peak_memory_mib"] is None
+    assert not (BASELINE / "__pycache__").exists(), "the smoke run must leave baseline/ pristine"
 
 
 def run_cpu_trial(data: Path, tmp_path: Path, budget_s: float) -> tuple[subprocess.CompletedProcess, Path]:
@@ -333,7 +586,7 @@ def test_cpu_preset_trains_and_evaluates_through_the_protocol(cpu_data: Path, tm
     steps = [e for e in events if e["event"] == "step"]
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     # The warm-started tiny model earns mixed rewards, so GRPO really gets a gradient.
-    assert any(e["grad_norm"] > 0 for e in steps) and 0 < max(e["reward"] for e in steps) < 1
+    assert any(e["grad_norm"] > 0 for e in steps) and 0 < max(e["reward_mean"] for e in steps) < 1
     assert events[0]["backend"] == "hf" and events[-1]["event"] == "done"
     assert sorted(p.name for p in out.iterdir()) == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)

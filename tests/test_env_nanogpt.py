@@ -17,6 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from hpc_executor.config import register_configs
+from hpc_executor.search import CONF_DIR
+from hpc_executor.types import Result, Status
+from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / "environments" / "nanogpt"
@@ -140,6 +147,24 @@ def test_configs_require_what_prepare_data_writes(synthetic_data: Path) -> None:
     assert CPU_CONF["reward"]["metric_min"] < floor
 
 
+def test_shard_round_trip_over_the_whole_uint16_range(tmp_path: Path) -> None:
+    """GPT-2 ids reach 50256: above int16's range, so a signed reader would turn them negative."""
+    tokens = np.array([0, 1, 511, 32767, 32768, 50256, 65535, 7], dtype=np.int64)
+    path = tmp_path / "fineweb_val_000000.bin"
+    prepare_data.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    assert (header[0], header[1], header[2]) == (
+        20240520,
+        1,
+        len(tokens),
+    ) and path.stat().st_size == 1024 + 16
+    train_gpt = load("train_gpt")
+    assert np.asarray(train_gpt.read_shard(str(path))).tolist() == tokens.tolist()
+    assert evaluate.load_val_tokens(tmp_path, len(tokens)).tolist() == tokens.tolist()
+    with pytest.raises(AssertionError, match="uint16"):
+        prepare_data.write_shard(tmp_path / "big.bin", np.array([65536]))
+
+
 def test_shard_reader_of_training_and_evaluator_agree(synthetic_data: Path) -> None:
     train_gpt = load("train_gpt")
     from_train = np.asarray(train_gpt.read_shard(str(synthetic_data / "fineweb_val_000000.bin")))[:500]
@@ -238,6 +263,32 @@ def test_evaluator_refuses_a_model_without_kv_cache(tmp_path: Path, synthetic_da
     assert not (tmp_path / "m.json").exists()
 
 
+def test_time_to_target_is_the_checkpoint_training_time_when_reached() -> None:
+    reached = evaluate.target_metrics(3.2, 1412.5, 3.28)
+    assert reached == {
+        "target_loss": 3.28,
+        "reached_target": True,
+        "train_seconds": 1412.5,
+        "time_to_target_s": 1412.5,
+    }
+    assert evaluate.target_metrics(3.3, 1412.5, 3.28)["time_to_target_s"] is None
+    assert evaluate.target_metrics(None, 1412.5, 3.28)["reached_target"] is False  # a non-finite loss
+    assert evaluate.target_metrics(3.2, None, 3.28)["time_to_target_s"] is None  # no usable training time
+
+
+def test_gpu_smoke_script_runs_on_the_cpu() -> None:
+    """The GPU smoke script's CPU mode: the real train_gpt.py stopped by NANOGPT_MAX_STEPS."""
+    proc = subprocess.run(
+        [sys.executable, str(ENV_DIR / "gpu_smoke.py"), "--device", "cpu", "--steps", "4"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HPCX_CPUS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    smoke = json.loads(proc.stdout.splitlines()[-1].removeprefix("smoke "))
+    assert smoke["device"] == "cpu" and smoke["preset"] == "cpu" and smoke["steps"] == 4
+    assert smoke["tokens_per_s"] > 0 and smoke["step_ms"] > 0 and smoke["peak_memory_mib"] is None
+    assert "stopped after 4 steps" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end on the CPU preset (slow)
 
@@ -270,25 +321,41 @@ def test_cpu_preset_trains_and_evaluates(tmp_path: Path, synthetic_data: Path) -
     floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
     assert floor < metrics["val_loss"] < math.log(512)
     assert metrics["future_leak"] is False
+    # The checkpoint's training time, reported as the time to the target when the loss reaches it.
+    summary = json.loads(log.splitlines()[-1].removeprefix("summary "))
+    assert 0 < metrics["train_seconds"] == pytest.approx(summary["train_seconds"], abs=0.01)
+    assert metrics["train_seconds"] < budget and summary["steps"] > 10 and summary["tokens_per_s"] > 0
+    assert metrics["reached_target"] is (metrics["val_loss"] <= evaluate.PRESETS["cpu"].target_loss)
+
+
+def nanogpt_cpu_env(data: Path, **overrides: object) -> dict:
+    """The nanogpt_cpu environment as the driver resolves it, with its data at `data`."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        env = compose("search", overrides=["+env=nanogpt_cpu", "+model=offline"]).env
+    return {**OmegaConf.to_container(env, resolve=True), "data_dir": str(data), **overrides}
 
 
 @pytest.mark.slow
-def test_catalog_future_leak_is_caught_end_to_end(tmp_path: Path, synthetic_data: Path) -> None:
+def test_catalog_future_leak_is_caught_as_invalid_result(tmp_path: Path, synthetic_data: Path) -> None:
+    """The leaking diff through the real worker: applied, trained, evaluated, recorded invalid_result."""
     catalog = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
     entry = next(e for e in catalog if e["id"] == "bidirectional_attention")
-    workspace = tmp_path / "ws"
-    shutil.copytree(BASELINE, workspace)
-    subprocess.run(
-        ["git", "apply", "--recount", "-"], cwd=workspace, input=entry["diff"], text=True, check=True
-    )
-    metrics, log = train_and_evaluate(workspace, synthetic_data, tmp_path, 12)
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / DIFF_FILE).write_text(entry["diff"])
+    TrialSpec("leak", str(trial_dir), nanogpt_cpu_env(synthetic_data, budget_s=12), seed=0).write()
+    run_trial(str(trial_dir))
+    result = Result.from_json((trial_dir / RESULT_FILE).read_text())
+    assert result.status is Status.INVALID_RESULT and result.reward is None
+    assert "not causal" in result.reason and result.metrics["future_leak"] is True
     floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
-    last_train_loss = float(log.split("train_loss ")[-1].split()[0])
+    train_log = (trial_dir / TRAIN_LOG).read_text()
+    last_train_loss = float(train_log.split("train_loss ")[-1].split()[0])
     # Training exploits the leak (its loss falls far below the evaluated one), and the token-by-token
     # evaluation does not reward it: the loss is far above what the data allows.
-    assert last_train_loss + 1.0 < metrics["val_loss"]
-    assert metrics["val_loss"] > floor + 1.0
-    assert metrics["future_leak"] is True
+    assert last_train_loss + 1.0 < result.metrics["val_loss"]
+    assert result.metrics["val_loss"] > floor + 1.0
 
 
 @pytest.mark.slow

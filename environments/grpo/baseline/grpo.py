@@ -3,7 +3,7 @@
 Each step samples `prompts_per_step` training problems, draws `group_size` responses per problem,
 rewards 1 for a correctly formatted and correct answer, turns rewards into group-normalised
 advantages and takes `train_batch_size`-sized optimizer steps over the rollouts with the clipped
-GRPO loss. Every `eval_every` steps the policy answers all test problems and the raw responses go
+GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below). Every `eval_every` steps the policy answers all test problems and the raw responses go
 to $HPCX_OUTPUT_DIR/eval_step_<step>.jsonl; the frozen evaluator grades those files (the reward is
 the best accuracy over them, and it grades at most 11 files: more than that is refused).
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from grpo_loss import group_advantages, per_token_loss, sequence_loss
+from grpo_loss import group_normalized_rewards, masked_mean, microbatch_train_step
 from reward import R1_ZERO_PROMPT, r1_zero_reward
 from rollout import HFGenerator, Sampling, VLLMGenerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -41,10 +41,10 @@ class Config:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    loss_type: str = "grpo_clip"  # grpo_clip | reinforce
+    loss_type: str = "grpo_clip"  # grpo_clip | reinforce_with_baseline | no_baseline (grpo_loss.py)
     clip_range: float = 0.2
     advantage_eps: float = 1e-6
-    normalize_std: bool = True
+    use_std_normalization: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 1024
     eval_every: int = 2
@@ -91,80 +91,178 @@ def log(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def response_logprobs(
-    policy: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1, shape (batch, seq - 1), computed in float32."""
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:].unsqueeze(-1)
+def load_models(cfg: Config, seed: int, device: torch.device) -> tuple:
+    """(tokenizer, policy in train mode, generator): vLLM on a GPU when it is installed, else HF
+    `generate` from the policy itself."""
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    use_vllm = device.type == "cuda" and importlib.util.find_spec("vllm") is not None
+    # vLLM first: it sizes its KV cache from the memory that is free when it starts.
+    vllm = (
+        VLLMGenerator(cfg.model, seed, cfg.vllm_gpu_memory_utilization, cfg.max_model_len)
+        if use_vllm
+        else None
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.config.use_cache = False  # training forwards never reuse a KV cache
+    policy.train()
+    return tokenizer, policy, vllm or HFGenerator(policy, tokenizer, cfg.hf_generate_batch)
+
+
+def tokenize_prompt_and_output(
+    prompt_strs: list[str], output_strs: list[str], tokenizer
+) -> dict[str, torch.Tensor]:
+    """Each prompt+output as token ids, right-padded, split into model input and labels shifted by one.
+
+    input_ids = ids[:, :-1] and labels = ids[:, 1:], both (B, L - 1) for the longest pair's L tokens;
+    response_mask is true where the label is an output token (prompt tokens and padding are masked out).
+    """
+    prompts = tokenizer(prompt_strs, add_special_tokens=False)["input_ids"]
+    outputs = tokenizer(output_strs, add_special_tokens=False)["input_ids"]
+    seqs = [p + o for p, o in zip(prompts, outputs, strict=True)]
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), tokenizer.pad_token_id, dtype=torch.long)
+    is_output = torch.zeros(ids.shape, dtype=torch.bool)
+    for i, (prompt, seq) in enumerate(zip(prompts, seqs, strict=True)):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        is_output[i, len(prompt) : len(seq)] = True
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": is_output[:, 1:]}
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at every position: logsumexp(z) - sum softmax(z) z."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+
+
+def response_log_probs(
+    model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, return_token_entropy: bool = False
+) -> dict[str, torch.Tensor]:
+    """log p(labels_t | input_ids_0..t) of a causal LM, (B, T) in float32; with return_token_entropy,
+    also the per-token entropy (computed without gradient: it is a diagnostic here).
+
+    Right-padded batches need no attention mask: causal attention never shows a real token the padding
+    that comes after it.
+    """
+    logits = model(input_ids=input_ids).logits.float()
     # gather - logsumexp avoids materialising a full log_softmax copy of the vocab-sized logits
-    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def tokenize_rollouts(tokenizer, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt+response ids, attention mask, and a mask of response tokens (shifted by one)."""
-    seqs, prompt_lens = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"]
-        seqs.append(p + r)
-        prompt_lens.append(len(p))
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    response_mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for i, (seq, plen) in enumerate(zip(seqs, prompt_lens, strict=True)):
-        input_ids[i, : len(seq)] = torch.tensor(seq)
-        attention[i, : len(seq)] = 1
-        response_mask[i, plen - 1 : len(seq) - 1] = True  # position t predicts token t + 1
-    return input_ids, attention, response_mask
+    log_probs = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    out = {"log_probs": log_probs}
+    if return_token_entropy:
+        with torch.no_grad():
+            out["token_entropy"] = token_entropy(logits)
+    return out
 
 
 def micro_batch(
-    batch: tuple[torch.Tensor, ...], idx: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """Rows idx of the rollout batch, trimmed to their own longest sequence (padding costs compute)."""
-    input_ids, attention, mask = batch
-    width = int(attention[idx].sum(dim=1).max())
-    return (
-        input_ids[idx, :width].to(device),
-        attention[idx, :width].to(device),
-        mask[idx, : width - 1].to(device),
-    )
+    batch: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Rows idx of the rollout batch, cut after their last response token (padding costs compute)."""
+    mask = batch["response_mask"][idx]
+    last = (mask * torch.arange(1, mask.shape[1] + 1)).max()
+    width = max(1, int(last))
+    return {key: value[idx, :width].to(device) for key, value in batch.items()}
+
+
+def rollout_log_probs(
+    policy: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Config, device: torch.device
+) -> torch.Tensor:
+    """Log-probs of the policy that sampled the rollouts, before any update: grpo_clip's pi_old."""
+    old_log_probs = torch.zeros(batch["labels"].shape)
+    policy.eval()
+    with torch.no_grad():
+        for idx in torch.arange(len(old_log_probs)).split(cfg.micro_batch_size):
+            mb = micro_batch(batch, idx, device)
+            log_probs = response_log_probs(policy, mb["input_ids"], mb["labels"])["log_probs"]
+            old_log_probs[idx, : log_probs.shape[1]] = log_probs.cpu()
+    policy.train()
+    return old_log_probs
 
 
 def train_on_rollouts(
     policy: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: tuple[torch.Tensor, ...],
+    batch: dict[str, torch.Tensor],
+    raw_rewards: torch.Tensor,
     advantages: torch.Tensor,
     cfg: Config,
     device: torch.device,
 ) -> dict[str, float]:
-    n = batch[0].shape[0]
-    # Log-probs of the policy that sampled the rollouts, for the importance ratio.
-    old_logp = torch.zeros(batch[2].shape)
-    if cfg.loss_type == "grpo_clip":
-        policy.eval()
-        with torch.no_grad():
-            for idx in torch.arange(n).split(cfg.micro_batch_size):
-                ids, attention, _ = micro_batch(batch, idx, device)
-                old_logp[idx, : ids.shape[1] - 1] = response_logprobs(policy, ids, attention).cpu()
-        policy.train()
-    losses, grad_norms = [], []
+    """Optimizer steps of train_batch_size responses over one rollout batch, in micro-batches."""
+    n = len(batch["labels"])
+    old_log_probs = rollout_log_probs(policy, batch, cfg, device) if cfg.loss_type == "grpo_clip" else None
+    losses, grad_norms, entropies, clip_fractions = [], [], [], []
     for chunk in torch.randperm(n).split(cfg.train_batch_size):
         optimizer.zero_grad(set_to_none=True)
+        chunk_loss = 0.0
         for idx in chunk.split(cfg.micro_batch_size):
-            ids, attention, mask = micro_batch(batch, idx, device)
-            logp = response_logprobs(policy, ids, attention)
-            old = old_logp[idx, : logp.shape[1]].to(device) if cfg.loss_type == "grpo_clip" else logp.detach()
-            token_loss = per_token_loss(logp, old, advantages[idx].to(device), cfg.loss_type, cfg.clip_range)
-            loss = sequence_loss(token_loss, mask) * (len(idx) / len(chunk))  # mean over the chunk
-            loss.backward()
-            losses.append(loss.item())
+            mb = micro_batch(batch, idx, device)
+            out = response_log_probs(policy, mb["input_ids"], mb["labels"], return_token_entropy=True)
+            width = out["log_probs"].shape[1]
+            loss, metadata = microbatch_train_step(
+                out["log_probs"],
+                mb["response_mask"],
+                # the chunk is len(chunk) / len(idx) micro-batches of this size: the sum is the chunk's mean
+                gradient_accumulation_steps=len(chunk) / len(idx),
+                loss_type=cfg.loss_type,
+                raw_rewards=raw_rewards[idx].to(device),
+                advantages=advantages[idx].to(device),
+                old_log_probs=None if old_log_probs is None else old_log_probs[idx, :width].to(device),
+                clip_range=cfg.clip_range,
+            )
+            chunk_loss += loss.item()
+            entropies.append(masked_mean(out["token_entropy"], mb["response_mask"]).item())
+            if "clip_fraction" in metadata:
+                clip_fractions.append(metadata["clip_fraction"].item())
+        losses.append(chunk_loss)
         grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm).item())
         optimizer.step()
-    return {"loss": sum(losses) / len(grad_norms), "grad_norm": max(grad_norms)}
+    stats = {
+        "loss": sum(losses) / len(losses),
+        "grad_norm": max(grad_norms),
+        "entropy": sum(entropies) / len(entropies),
+    }
+    if clip_fractions:
+        stats["clip_fraction"] = sum(clip_fractions) / len(clip_fractions)
+    return stats
+
+
+def grpo_step(
+    policy: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator,
+    tokenizer,
+    problems: list[dict],
+    cfg: Config,
+    device: torch.device,
+) -> dict[str, float]:
+    """One GRPO step: sample group_size responses per problem, reward them, train on them, then push
+    the new weights to the generator. Returns the step's statistics and timings."""
+    t0 = time.monotonic()
+    prompts = [R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in problems]
+    responses = generator.generate(prompts, Sampling(cfg.group_size, cfg.temperature, cfg.max_new_tokens))
+    rollout_s = time.monotonic() - t0
+    answers = [ex["answer"] for ex in problems for _ in range(cfg.group_size)]
+    advantages, raw_rewards, reward_stats = group_normalized_rewards(
+        r1_zero_reward, responses, answers, cfg.group_size, cfg.advantage_eps, cfg.use_std_normalization
+    )
+    batch = tokenize_prompt_and_output(
+        [p for p in prompts for _ in range(cfg.group_size)], responses, tokenizer
+    )
+    t1 = time.monotonic()
+    stats = train_on_rollouts(policy, optimizer, batch, raw_rewards, advantages, cfg, device)
+    train_s = time.monotonic() - t1
+    generator.sync(policy)
+    return {
+        **reward_stats,
+        **stats,
+        "response_tokens": int(batch["response_mask"].sum()),
+        "rollout_s": round(rollout_s, 3),
+        "train_s": round(train_s, 3),
+        "seconds": round(time.monotonic() - t0, 3),
+    }
 
 
 def write_eval(generator, test: list[dict], cfg: Config, step: int, output_dir: Path) -> None:
@@ -192,27 +290,12 @@ def main() -> None:
     train, test = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "test.jsonl")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_vllm = device.type == "cuda" and importlib.util.find_spec("vllm") is not None
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # vLLM first: it sizes its KV cache from the memory that is free when it starts.
-    vllm = (
-        VLLMGenerator(cfg.model, seed, cfg.vllm_gpu_memory_utilization, cfg.max_model_len)
-        if use_vllm
-        else None
-    )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.config.use_cache = False  # training forwards never reuse a KV cache
-    policy.train()
-    generator = vllm or HFGenerator(policy, tokenizer, cfg.hf_generate_batch)
+    tokenizer, policy, generator = load_models(cfg, seed, device)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
     )
-    log(event="start", config=dataclasses.asdict(cfg), device=str(device), backend="vllm" if vllm else "hf")
+    backend = "vllm" if isinstance(generator, VLLMGenerator) else "hf"
+    log(event="start", config=dataclasses.asdict(cfg), device=str(device), backend=backend)
 
     rng = random.Random(seed)
     step_s, eval_s = 0.0, None
@@ -223,27 +306,11 @@ def main() -> None:
         if time.monotonic() - start_time + step_s + expected_eval_s > budget_s:
             log(event="budget_stop", completed_steps=completed)
             break
-        t0 = time.monotonic()
-        problems = rng.sample(train, cfg.prompts_per_step)
-        prompts = [R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in problems]
-        responses = generator.generate(prompts, Sampling(cfg.group_size, cfg.temperature, cfg.max_new_tokens))
-        answers = [ex["answer"] for ex in problems for _ in range(cfg.group_size)]
-        scored = [r1_zero_reward(resp, gt) for resp, gt in zip(responses, answers, strict=True)]
-        rewards = torch.tensor([s["reward"] for s in scored])
-        advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_eps, cfg.normalize_std)
-        batch = tokenize_rollouts(tokenizer, [p for p in prompts for _ in range(cfg.group_size)], responses)
-        stats = train_on_rollouts(policy, optimizer, batch, advantages, cfg, device)
-        generator.sync(policy)
-        completed, step_s = step, max(step_s, time.monotonic() - t0)
-        log(
-            event="step",
-            step=step,
-            reward=rewards.mean().item(),
-            format_rate=sum(s["format_reward"] for s in scored) / len(scored),
-            response_tokens=int(batch[2].sum()) / len(responses),
-            seconds=round(time.monotonic() - t0, 2),
-            **stats,
+        stats = grpo_step(
+            policy, optimizer, generator, tokenizer, rng.sample(train, cfg.prompts_per_step), cfg, device
         )
+        completed, step_s = step, max(step_s, stats["seconds"])
+        log(event="step", step=step, **stats)
         if step % cfg.eval_every == 0:
             t0 = time.monotonic()
             write_eval(generator, test, cfg, step, output_dir)

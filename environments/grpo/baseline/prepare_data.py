@@ -3,7 +3,8 @@
 Real data (paper scale, needs network and the `datasets` package):
     HPCX_DATA_DIR=... python prepare_data.py
 writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution)
-and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line: {"problem", "answer"}.
+and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line:
+{"problem", "solution", "answer"}.
 
 CPU preset (offline, about 15 s on one thread):
     HPCX_DATA_DIR=... python prepare_data.py --synthetic --tiny-model
@@ -73,9 +74,10 @@ def prepare_math(out: Path) -> None:
             answer = last_boxed(ex["solution"])
             if answer is None:
                 raise SystemExit(f"no \\boxed answer in a {subject} training solution")
-            train.append({"problem": ex["problem"], "answer": answer})
+            train.append({"problem": ex["problem"], "solution": ex["solution"], "answer": answer})
     test = [
-        {"problem": ex["problem"], "answer": ex["answer"]} for ex in load_dataset(MATH_TEST, split="test")
+        {"problem": ex["problem"], "solution": ex["solution"], "answer": ex["answer"]}
+        for ex in load_dataset(MATH_TEST, split="test")
     ]
     if (len(train), len(test)) != (7500, 500):
         raise SystemExit(f"expected 7500 train / 500 test problems, got {len(train)} / {len(test)}")
@@ -90,14 +92,32 @@ def synthetic_problem(rng: random.Random) -> dict:
     kind = rng.choice(["parity", "larger", "add", "fraction"])
     if kind == "parity":
         n = rng.randint(1, 99)
-        return {"problem": f"Is ${n}$ even or odd?", "answer": "odd" if n % 2 else "even"}
+        answer = "odd" if n % 2 else "even"
+        return _math_row(
+            f"Is ${n}$ even or odd?", f"${n}$ leaves remainder ${n % 2}$ when divided by 2", answer
+        )
     if kind == "larger":
-        return {"problem": f"Which is larger, ${a}$ or ${b}$?", "answer": str(max(a, b))}
+        return _math_row(
+            f"Which is larger, ${a}$ or ${b}$?", f"The larger number is ${max(a, b)}$", str(max(a, b))
+        )
     if kind == "add":
-        return {"problem": f"What is ${a} + {b}$?", "answer": str(a + b)}
+        return _math_row(f"What is ${a} + {b}$?", f"${a} + {b} = {a + b}$", str(a + b))
     q = Fraction(a, b)
     answer = str(q.numerator) if q.denominator == 1 else f"\\frac{{{q.numerator}}}{{{q.denominator}}}"
-    return {"problem": f"Simplify $\\frac{{{a}}}{{{b}}}$.", "answer": answer}
+    return _math_row(
+        f"Simplify $\\frac{{{a}}}{{{b}}}$.",
+        f"Dividing ${a}$ and ${b}$ by their greatest common divisor gives ${answer}$",
+        answer,
+    )
+
+
+def _math_row(problem: str, reasoning: str, answer: str) -> dict:
+    """A row in MATH's layout: the solution ends with the boxed answer."""
+    return {
+        "problem": problem,
+        "solution": f"{reasoning}, so the answer is $\\boxed{{{answer}}}$.",
+        "answer": answer,
+    }
 
 
 def prepare_synthetic(out: Path, seed: int = 0) -> None:
@@ -109,16 +129,23 @@ def prepare_synthetic(out: Path, seed: int = 0) -> None:
 
 def build_tiny_model(out: Path, train: list[dict], seed: int = 0) -> None:
     """A 2-layer Qwen2 plus a byte-level tokenizer: real HF classes, no download, warm-started."""
-    import torch
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(out)
+    model = tiny_qwen2(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=seed)
+    warm_start(model, tokenizer, train, seed)
+    model.save_pretrained(out)
 
+
+def build_tiny_tokenizer():
+    """Byte-level BPE without merges over printable ASCII, plus the r1-zero tags and prompt text."""
     sys.dont_write_bytecode = True  # we run inside baseline/: importing reward.py must not litter it
     from reward import R1_ZERO_PROMPT  # the prompt the baseline trains with
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
-    # Byte-level BPE without merges over printable ASCII (GPT-2's byte-to-unicode alphabet: space and
-    # newline are chr(256 + byte)). Every sampled token decodes to a real character, so the text the
-    # trainer re-tokenises gives back exactly the sampled tokens.
+    # GPT-2's byte-to-unicode alphabet: space and newline are chr(256 + byte). Every sampled token
+    # decodes to a real character, so the text the trainer re-tokenises gives back exactly the sampled
+    # tokens.
     alphabet = [chr(b) for b in range(33, 127)] + [chr(256 + 32), chr(256 + 10)]
     core = Tokenizer(
         models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[], unk_token="<|unk|>")
@@ -131,25 +158,29 @@ def build_tiny_model(out: Path, train: list[dict], seed: int = 0) -> None:
     # The r1-zero prompt's fixed text around the question becomes two tokens (as a BPE merges frequent
     # strings), so the tiny model sees ~40-token prompts and its warm start takes seconds, not minutes.
     tokenizer.add_tokens(TINY_TAGS + R1_ZERO_PROMPT.split("{question}"))
-    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def tiny_qwen2(tokenizer, hidden_size: int, num_layers: int, num_heads: int, seed: int = 0):
+    """A randomly initialised Qwen2 for `tokenizer`, sized by the arguments (2 KV heads or fewer)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=min(2, num_heads),
         max_position_embeddings=2048,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
     )
-    model = Qwen2ForCausalLM(config)
-    warm_start(model, tokenizer, train, seed)
-    model.save_pretrained(out)
+    return Qwen2ForCausalLM(config)
 
 
 def warm_start(model, tokenizer, train: list[dict], seed: int) -> None:

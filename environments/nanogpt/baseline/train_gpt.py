@@ -2,12 +2,14 @@
 
 Launch: ``torchrun --standalone --nproc_per_node=8 train_gpt.py`` (DDP), or ``python train_gpt.py``
 for one process. Reads the hpc-executor protocol variables (HPCX_DATA_DIR, HPCX_OUTPUT_DIR,
-HPCX_TIME_BUDGET_S, HPCX_SEED, HPCX_CPUS); ``NANOGPT_PRESET=cpu`` selects a tiny model and batch
-that run the same code on a laptop CPU.
+HPCX_TIME_BUDGET_S (default 1500), HPCX_SEED, HPCX_CPUS); ``NANOGPT_PRESET=cpu`` selects a tiny
+model and batch that run the same code on a laptop CPU; ``NANOGPT_MAX_STEPS`` stops after that many
+steps (short throughput runs such as ``gpu_smoke.py``).
 
 Training stops by itself before the time budget; rank 0 then writes ``$HPCX_OUTPUT_DIR/ckpt.pt``
-= {"model_config": dict, "state_dict": fp32 weights of the unwrapped model}. The validation loss
-is computed afterwards by the frozen evaluator, not here.
+= {"model_config": dict, "state_dict": fp32 weights of the unwrapped model, "train_seconds"}. The
+validation loss is computed afterwards by the frozen evaluator, not here. The last line of the log
+is ``summary {json}``: steps, train seconds, mean step time, tokens/s and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -114,7 +117,8 @@ def main() -> None:
     hp = PRESETS[os.environ.get("NANOGPT_PRESET", "paper")]
     data_dir = Path(os.environ["HPCX_DATA_DIR"])
     out_dir = Path(os.environ["HPCX_OUTPUT_DIR"])
-    budget_s = float(os.environ["HPCX_TIME_BUDGET_S"])
+    budget_s = float(os.environ.get("HPCX_TIME_BUDGET_S", "1500"))
+    max_steps = int(os.environ.get("NANOGPT_MAX_STEPS", "0"))  # 0: until the budget runs out
     seed = int(os.environ.get("HPCX_SEED", "0"))
 
     # torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python train_gpt.py` is one process.
@@ -166,6 +170,7 @@ def main() -> None:
     )
 
     step, step_time = 0, 0.0
+    timed_s, timed_steps = 0.0, 0  # steps after the first (which includes torch.compile), for throughput
     while True:
         t_step = time.perf_counter()
         # Ranks must agree on the clock, or one would stop while the others wait in all_reduce:
@@ -174,7 +179,7 @@ def main() -> None:
         if distributed:
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         elapsed_s = float(elapsed)
-        if elapsed_s + step_time + hp.save_reserve_s >= budget_s:
+        if elapsed_s + step_time + hp.save_reserve_s >= budget_s or 0 < max_steps <= step:
             break
 
         mult = lr_multiplier(step, elapsed_s / budget_s, hp)
@@ -201,17 +206,32 @@ def main() -> None:
                 train_loss /= world_size
             log(f"step {step} train_loss {train_loss.item():.4f} lr {hp.lr * mult:.2e} t {elapsed_s:.1f}s")
         step_time = time.perf_counter() - t_step
+        if step > 1:
+            timed_s, timed_steps = timed_s + step_time, timed_steps + 1
 
-    log(f"stopped after {step} steps, {time.perf_counter() - t_start:.1f}s")
+    train_seconds = time.perf_counter() - t_start
+    log(f"stopped after {step} steps, {train_seconds:.1f}s")
     if master:
         ckpt = {
             "model_config": dataclasses.asdict(hp.model),
             "state_dict": {k: v.float().cpu() for k, v in raw_model.state_dict().items()},
+            "train_seconds": train_seconds,  # the evaluator reports it as the time to the target loss
         }
         tmp = out_dir / "ckpt.pt.tmp"
         torch.save(ckpt, tmp)
         tmp.replace(out_dir / "ckpt.pt")  # atomic: the evaluator never sees half a checkpoint
         log(f"saved {out_dir / 'ckpt.pt'} at {time.perf_counter() - t_start:.1f}s")
+    step_s = timed_s / timed_steps if timed_steps else None
+    summary = {
+        "steps": step,
+        "train_seconds": round(train_seconds, 2),
+        "step_ms": round(1000 * step_s, 1) if step_s else None,
+        "tokens_per_s": round(hp.batch_tokens / step_s) if step_s else None,
+        "peak_memory_mib": torch.cuda.max_memory_allocated(device) // 2**20
+        if device.type == "cuda"
+        else None,
+    }
+    log(f"summary {json.dumps(summary)}")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
