@@ -480,6 +480,8 @@ class Search:
             log.info("%s: asked for a revision after: %s", call.call_id, error[:300])
 
     def _show(self, epoch: int) -> None:
+        if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
+            self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
 
 
