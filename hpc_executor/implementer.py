@@ -5,8 +5,10 @@ baseline and, when it fails, revised up to ``revisions`` times with the error fe
 lowest-numbered sample that applies wins (deterministic, whatever order the answers arrive in), so
 once sample k applied, samples above k are not started and stop revising: they could not win.
 
-Every (idea, sample) chain of a batch of ideas goes into one thread pool of ``parallel_calls``
-threads, so the provider sees that many requests at once however the ideas and samples split.
+Every (idea, sample) chain of a batch of ideas goes into one thread pool, so the provider sees as
+many requests at once as its ``max_concurrency`` allows, however the ideas and samples split. The
+pool holds twice that many chains: the provider's limiter caps the requests, and the spare chains
+check their answers (git apply on a scratch copy) while others wait for the model.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from hpc_executor.worker import copy_baseline
 
 log = logging.getLogger("hpc_executor.implementer")
 
+CHAINS_PER_REQUEST = 2  # chains in the pool per request the provider may have in flight
 BUDGET_REACHED = "the run's LLM budget was reached"
 RESERVED_NOTE = (
     "Reserved files, not shown: {files}. They hold the frozen evaluator and the data preparation; "
@@ -81,7 +84,6 @@ class Implementer:
         samples: int,
         revisions: int,
         thinking_budget: int,
-        parallel_calls: int = 8,
         meter: CostMeter | None = None,
     ) -> None:
         self.llm = llm
@@ -89,7 +91,7 @@ class Implementer:
         self.samples = max(1, samples)
         self.revisions = max(0, revisions)
         self.thinking_budget = thinking_budget
-        self.parallel_calls = max(1, parallel_calls)
+        self.chains_at_once = CHAINS_PER_REQUEST * max(1, llm.spec.max_concurrency)
         self.meter = meter or CostMeter(None)
         hidden = [f for f in env.baseline_files() if f not in env.implementer_files()]
         self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=True)
@@ -104,7 +106,7 @@ class Implementer:
         when the budget ran out before any call for the idea: it stays unimplemented, to be picked up
         when the run resumes with a larger budget."""
         states = [_IdeaState(idea, self.samples) for idea in ideas]
-        pool = ThreadPoolExecutor(max_workers=self.parallel_calls, thread_name_prefix="implement")
+        pool = ThreadPoolExecutor(max_workers=self.chains_at_once, thread_name_prefix="implement")
         try:
             futures: dict[Future[Attempt], tuple[_IdeaState, int]] = {
                 pool.submit(self._chain, state, k): (state, k)

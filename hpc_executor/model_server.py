@@ -83,7 +83,8 @@ class ModelServer:
         except SchedulerQueryError:
             state = JobState.UNKNOWN
         url = self._endpoint()
-        if state == JobState.RUNNING and url and self._healthy(url):
+        # sacct lags: a job that started seconds ago may still read pending, or unknown, and answer
+        if not state.finished and url and self._healthy(url):
             self.job_id = job_id
             log.info("re-using model server job %s at %s", job_id, url)
             return url + "/v1"

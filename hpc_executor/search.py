@@ -75,8 +75,7 @@ class Search:
         self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
         self._budget_noted = False
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
-                                       cfg.model.implementer.thinking_budget, cfg.model.implementer.max_concurrency,
-                                       self.meter)  # fmt: skip
+                                       cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
 

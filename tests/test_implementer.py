@@ -28,9 +28,13 @@ class ScriptedLLM(LLM):
     """Answers by (idea, sample, revision); each call costs ``cost`` and takes ``delay(sample)`` s."""
 
     def __init__(
-        self, answers: dict[tuple[str, int, int], str], cost: float = 0.01, delay=lambda k: 0.0
+        self,
+        answers: dict[tuple[str, int, int], str],
+        cost: float = 0.01,
+        delay=lambda k: 0.0,
+        max_concurrency: int = 8,  # the implementer keeps twice as many chains in its pool
     ) -> None:
-        super().__init__(LLMSpec(provider="offline", model="scripted"))
+        super().__init__(LLMSpec(provider="offline", model="scripted", max_concurrency=max_concurrency))
         self.answers, self.cost, self.delay = answers, cost, delay
         self.asked: list[tuple[str, int, int]] = []
         self.in_flight = self.max_in_flight = 0
@@ -62,9 +66,7 @@ def test_the_lowest_sample_that_applies_wins_whatever_answers_first(env: Environ
     # sample 2 answers at once with a good diff; sample 1 answers later with another good diff
     llm = ScriptedLLM({("e0-000", 1, 0): OTHER_GOOD, ("e0-000", 2, 0): GOOD, ("e0-000", 0, 0): STALE},
                       delay=lambda k: {0: 0.05, 1: 0.3, 2: 0.0}[k])  # fmt: skip
-    patch, calls = Implementer(
-        llm, env, samples=3, revisions=1, thinking_budget=0, parallel_calls=3
-    ).implement(idea(0))
+    patch, calls = Implementer(llm, env, samples=3, revisions=1, thinking_budget=0).implement(idea(0))
     assert patch.status == "applied" and "LEARNING_RATE = 0.3" in patch.diff
     outcomes = {c.call_id: c.outcome for c in calls}
     assert outcomes["e0-000-s1-r0"] == "applied" and outcomes["e0-000-s2-r0"] == "applied"
@@ -73,11 +75,12 @@ def test_the_lowest_sample_that_applies_wins_whatever_answers_first(env: Environ
 
 
 def test_samples_that_cannot_win_are_not_asked_for(env: Environment) -> None:
-    llm = ScriptedLLM({("e0-000", 0, 0): GOOD})
-    patch, calls = Implementer(
-        llm, env, samples=10, revisions=2, thinking_budget=0, parallel_calls=1
-    ).implement(idea(0))
-    assert patch.status == "applied" and llm.asked == [("e0-000", 0, 0)] and len(calls) == 1
+    # max_concurrency 1: two chains in the pool; sample 0 applies at once, sample 1 is already asking
+    llm = ScriptedLLM({("e0-000", 0, 0): GOOD}, delay=lambda k: 0.2 * k, max_concurrency=1)
+    patch, calls = Implementer(llm, env, samples=10, revisions=2, thinking_budget=0).implement(idea(0))
+    assert patch.status == "applied" and "LEARNING_RATE = 0.4" in patch.diff
+    assert sorted(llm.asked) == [("e0-000", 0, 0), ("e0-000", 1, 0)]  # no revision of 1, no sample 2-9
+    assert [c.outcome for c in calls] == ["applied", "not_a_diff"]
 
 
 def test_failures_are_revised_with_outcomes_recorded_and_the_last_answer_decides(env: Environment) -> None:
@@ -90,8 +93,8 @@ def test_failures_are_revised_with_outcomes_recorded_and_the_last_answer_decides
 
 def test_all_chains_of_all_ideas_share_one_pool(env: Environment) -> None:
     answers = {(f"e0-{n:03d}", k, 0): GOOD for n in range(4) for k in range(3)}
-    llm = ScriptedLLM(answers, delay=lambda k: 0.1)
-    done = list(Implementer(llm, env, samples=3, revisions=0, thinking_budget=0, parallel_calls=12)
+    llm = ScriptedLLM(answers, delay=lambda k: 0.1, max_concurrency=6)  # a pool of 2 x 6 chains
+    done = list(Implementer(llm, env, samples=3, revisions=0, thinking_budget=0)
                 .implement_all([idea(n) for n in range(4)]))  # fmt: skip
     assert sorted(i.idea_id for i, _, _ in done) == [f"e0-{n:03d}" for n in range(4)]
     assert all(p.status == "applied" for _, p, _ in done)
@@ -100,14 +103,16 @@ def test_all_chains_of_all_ideas_share_one_pool(env: Environment) -> None:
 
 def test_the_budget_stops_new_calls_and_leaves_unstarted_ideas_unimplemented(env: Environment) -> None:
     meter = CostMeter(budget_usd=0.025)
-    llm = ScriptedLLM({}, cost=0.01)  # every answer is "no diff here": each sample would revise twice
-    done = {i.idea_id: (p, c) for i, p, c in Implementer(llm, env, samples=1, revisions=2, thinking_budget=0,
-                                                             parallel_calls=1, meter=meter).implement_all(
-        [idea(0), idea(1)])}  # fmt: skip
-    patch, calls = done["e0-000"]
-    assert len(calls) == 3 and patch.status == "implement_failed"  # 3 calls: $0.03 >= $0.025
-    assert done["e0-001"] == (None, [])  # never started: left for a resumed run
-    assert meter.exhausted() and meter.spent_usd == pytest.approx(0.03)
+    # every answer is "no diff here", so each sample would revise twice; two chains at once
+    llm = ScriptedLLM({}, cost=0.01, delay=lambda k: 0.05, max_concurrency=1)
+    implementer = Implementer(llm, env, samples=1, revisions=2, thinking_budget=0, meter=meter)
+    done = {i.idea_id: (p, c) for i, p, c in implementer.implement_all([idea(0), idea(1), idea(2)])}
+    assert done["e0-002"] == (None, [])  # never started: left for a resumed run
+    for patch, calls in (done["e0-000"], done["e0-001"]):
+        assert patch.status == "implement_failed" and "budget was reached" in patch.reason and calls
+    # no call starts once $0.025 is spent; the two chains may both have started one at $0.02
+    assert meter.exhausted() and meter.spent_usd in (pytest.approx(0.03), pytest.approx(0.04))
+    assert len(llm.asked) == round(meter.spent_usd / 0.01)
 
 
 def test_a_budget_reached_mid_idea_says_so(env: Environment) -> None:
