@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from grader import R1_ZERO_PROMPT
 from grpo_loss import group_normalized_rewards, masked_mean, microbatch_train_step
-from reward import R1_ZERO_PROMPT, r1_zero_reward
+from reward import r1_zero_reward
 from rollout import HFGenerator, Sampling, VLLMGenerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
