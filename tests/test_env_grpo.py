@@ -3,9 +3,11 @@ of the real training code through the protocol, and a catalog whose diffs apply 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from hpc_executor.types import Result, Status
+from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec, run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / "environments" / "grpo"
@@ -161,86 +166,12 @@ def test_evaluator_and_training_reward_use_the_same_grader(grpo_modules) -> None
     evaluate_module = importlib.import_module("evaluate")  # baseline/ is first on sys.path
     reward = sys.modules["reward"]
     assert evaluate_module.is_correct is reward.is_correct is sys.modules["grader"].is_correct
+    # The evaluator asks with the prompt the baseline trains with: one definition, in the protected grader.
+    assert (
+        evaluate_module.R1_ZERO_PROMPT is grpo_modules.R1_ZERO_PROMPT is sys.modules["grader"].R1_ZERO_PROMPT
+    )
     assert reward.r1_zero_reward(r1("\\dfrac12"), "0.5") == {"format_reward": 1.0, "reward": 1.0}
     assert reward.r1_zero_reward(r1("0.4"), "0.5") == {"format_reward": 1.0, "reward": 0.0}
-
-
-# ---- evaluator -----------------------------------------------------------------------------------
-
-
-TRUTHS = ["0", "1", "2", "3", "\\frac{1}{2}"]
-
-
-@pytest.fixture
-def answers_dir(tmp_path: Path) -> Path:
-    """A five-problem test set for the evaluator tests."""
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"problem": f"p{i}", "answer": answer} for i, answer in enumerate(TRUTHS)]
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
-
-
-def write_eval(out: Path, step: int, rows: list[dict] | str) -> None:
-    text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
-    (out / f"eval_step_{step}.jsonl").write_text(text)
-
-
-def evaluate(out: Path, data: Path, tmp_path: Path) -> tuple[int, dict, str]:
-    """Run the evaluator the way the worker does: from a pristine copy of baseline/."""
-    evaluator = tmp_path / "evaluator"
-    if not evaluator.exists():
-        shutil.copytree(BASELINE, evaluator)
-    metrics_path = tmp_path / "metrics.json"
-    env = {"HPCX_DATA_DIR": str(data), "HPCX_OUTPUT_DIR": str(out), "HPCX_METRICS_PATH": str(metrics_path)}
-    result = run_script("evaluate.py", evaluator, env)
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return result.returncode, metrics, result.stderr
-
-
-def test_evaluator_grades_every_step(answers_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    write_eval(out, 2, [{"index": i, "output": r1(str(i) if i < 2 else "wrong")} for i in range(5)])
-    write_eval(out, 4, [{"index": i, "output": r1("0.5" if i == 4 else str(i))} for i in reversed(range(5))])
-    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
-    assert rc == 0, stderr
-    assert metrics["accuracy_by_step"] == {"2": 0.4, "4": 1.0}
-    assert (
-        metrics["best_eval_accuracy"] == 1.0 and metrics["eval_steps"] == 2 and metrics["invalid_steps"] == {}
-    )
-
-
-def test_evaluator_rejects_malformed_eval_files(answers_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    full = [{"index": i, "output": r1(truth)} for i, truth in enumerate(TRUTHS)]
-    write_eval(out, 2, full[:4])  # a problem missing
-    write_eval(out, 4, [*full, full[0]])  # a problem twice
-    write_eval(out, 6, [*full, {"index": 5, "output": r1("5")}])  # not a test problem
-    write_eval(out, 8, "".join(json.dumps(r) + "\n" for r in full) + "{not json\n")
-    write_eval(out, 10, [{"index": str(i), "output": r1(str(i))} for i in range(5)])
-    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
-    assert rc == 0, stderr
-    assert "no valid eval file" in metrics["invalid_reason"] and "best_eval_accuracy" not in metrics
-    # One well-formed step is graded; the malformed ones stay listed as invalid, never scored.
-    write_eval(out, 12, [{"index": i, "output": r1(t if i else "x")} for i, t in enumerate(TRUTHS)])
-    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
-    assert rc == 0, stderr
-    assert metrics["accuracy_by_step"] == {"12": 0.8} and metrics["eval_steps"] == 1
-    assert set(metrics["invalid_steps"]) == {f"eval_step_{k}.jsonl" for k in (2, 4, 6, 8, 10)}
-
-
-def test_evaluator_refuses_missing_or_excess_eval_files(answers_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
-    assert rc != 0 and metrics == {} and "no eval_step_*.jsonl files" in stderr
-    # Extra evaluations would buy reward from sampling noise (the reward is a maximum).
-    for step in range(12):
-        write_eval(out, step, [{"index": i, "output": r1(str(i))} for i in range(5)])
-    rc, metrics, stderr = evaluate(out, answers_dir, tmp_path)
-    assert rc != 0 and metrics == {} and "12 eval files" in stderr
 
 
 # ---- data and the tiny model ----------------------------------------------------------------------
@@ -579,7 +510,7 @@ def run_cpu_trial(data: Path, tmp_path: Path, budget_s: float) -> tuple[subproce
 
 @needs_transformers
 @pytest.mark.slow
-def test_cpu_preset_trains_and_evaluates_through_the_protocol(cpu_data: Path, tmp_path: Path) -> None:
+def test_cpu_preset_trains_and_hands_over_its_best_policy(cpu_data: Path, tmp_path: Path) -> None:
     start = time.monotonic()
     result, out = run_cpu_trial(cpu_data, tmp_path, CPU_CONF["budget_s"])
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -588,23 +519,218 @@ def test_cpu_preset_trains_and_evaluates_through_the_protocol(cpu_data: Path, tm
     # The warm-started tiny model earns mixed rewards, so GRPO really gets a gradient.
     assert any(e["grad_norm"] > 0 for e in steps) and 0 < max(e["reward_mean"] for e in steps) < 1
     assert events[0]["backend"] == "hf" and events[-1]["event"] == "done"
-    assert sorted(p.name for p in out.iterdir()) == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    best = max(evals, key=lambda e: (e["accuracy"], e["step"]))  # a tie goes to the later step
+    saved = next(e for e in events if e["event"] == "policy_saved")
+    assert (saved["step"], saved["eval_accuracy"]) == (best["step"], best["accuracy"])
+    assert [p.name for p in out.iterdir()] == ["policy"]
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
     assert rc == 0, stderr
-    assert metrics["eval_steps"] == 2 and metrics["n_problems"] == 32 and metrics["invalid_steps"] == {}
+    assert metrics["n_problems"] == 32 and metrics["backend"] == "hf"
     reward = CPU_CONF["reward"]
-    assert reward["metric_min"] < metrics["best_eval_accuracy"] < reward["metric_max"]
+    assert reward["metric_min"] < metrics[reward["metric"]] < reward["metric_max"]
     assert time.monotonic() - start < CPU_CONF["hard_limit_s"]
 
 
 @needs_transformers
 @pytest.mark.slow
-def test_out_of_budget_training_still_writes_an_evaluation(cpu_data: Path, tmp_path: Path) -> None:
+def test_out_of_budget_training_still_hands_over_a_policy(cpu_data: Path, tmp_path: Path) -> None:
     result, out = run_cpu_trial(cpu_data, tmp_path, budget_s=0)
-    assert '"event": "budget_stop"' in result.stdout
-    assert [p.name for p in out.iterdir()] == ["eval_step_0.jsonl"]
+    assert '"event": "budget_stop"' in result.stdout and '"event": "eval"' not in result.stdout
+    assert [p.name for p in out.iterdir()] == ["policy"]
+    # Nothing was trained or evaluated: the starting policy is handed over, and scored.
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
-    assert rc == 0 and metrics["eval_steps"] == 1, stderr
+    assert rc == 0 and metrics["n_problems"] == 32, stderr
+
+
+# ---- the hand-over: the saved policy and the frozen evaluator -------------------------------------
+
+
+def evaluate(out: Path, data: Path, tmp_path: Path) -> tuple[int, dict, str]:
+    """Run the evaluator the way the worker does (from a pristine copy of baseline/), CPU preset."""
+    evaluator = tmp_path / "evaluator"
+    if not evaluator.exists():
+        shutil.copytree(BASELINE, evaluator)
+    metrics_path = tmp_path / "metrics.json"
+    metrics_path.unlink(missing_ok=True)
+    env = {"HPCX_DATA_DIR": str(data), "HPCX_OUTPUT_DIR": str(out), "HPCX_METRICS_PATH": str(metrics_path),
+           **CPU_CONF["extra_env"]}  # fmt: skip
+    result = run_script(CPU_CONF["eval_command"][1], evaluator, env, timeout=CPU_CONF["eval_limit_s"])
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return result.returncode, metrics, result.stderr
+
+
+def test_best_policy_keeps_a_copy_of_the_best_evaluation(grpo_modules) -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    best = grpo_modules.BestPolicy()
+    for step, accuracy in [(2, 0.25), (4, 0.5), (6, 0.375), (8, 0.5), (10, 0.25)]:
+        with torch.no_grad():
+            model.weight.fill_(step)
+        best.offer(model, step, accuracy)
+    # 0.5 at steps 4 and 8: the tie goes to the later, longer-trained policy; the live weights moved on.
+    assert (best.step, best.accuracy) == (8, 0.5) and best.state["weight"].tolist() == [[8.0, 8.0]]
+
+
+@needs_transformers
+def test_training_saves_the_best_evaluated_policy(grpo_modules, cpu_data: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cpu_data / "tiny_model")
+    policy = AutoModelForCausalLM.from_pretrained(cpu_data / "tiny_model")
+    best = grpo_modules.BestPolicy()
+    best.offer(policy, 2, 0.5)
+    with torch.no_grad():  # later training, whose evaluation was worse
+        for param in policy.parameters():
+            param.add_(1.0)
+    best.offer(policy, 4, 0.25)
+    grpo_modules.save_policy(policy, best, tokenizer, tmp_path / "policy")
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    start = AutoModelForCausalLM.from_pretrained(cpu_data / "tiny_model").state_dict()
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in saved)
+    assert AutoTokenizer.from_pretrained(tmp_path / "policy").get_vocab() == tokenizer.get_vocab()
+
+
+@needs_transformers
+def test_evaluator_scores_the_policy_as_grading_its_answers_by_hand(
+    grpo_modules, cpu_data: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    evaluate_module, rollout = importlib.import_module("evaluate"), sys.modules["rollout"]
+    policy = tmp_path / "out" / "policy"
+    shutil.copytree(cpu_data / "tiny_model", policy)
+    # By hand: the evaluator's CPU settings and seed on one thread, every answer graded by the grader.
+    preset = evaluate_module.PRESETS[CPU_CONF["extra_env"]["GRPO_PRESET"]]
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    generator = rollout.HFGenerator(AutoModelForCausalLM.from_pretrained(policy), tokenizer, preset.hf_batch)
+    test = [json.loads(line) for line in (cpu_data / "test.jsonl").read_text().splitlines()]
+    prompts = [grader.R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in test]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(evaluate_module.SEED)
+    try:
+        outputs = generator.generate(prompts, rollout.Sampling(1, preset.temperature, preset.max_new_tokens))
+    finally:
+        torch.set_num_threads(threads)
+    correct = sum(grader.is_correct(out, ex["answer"]) for out, ex in zip(outputs, test, strict=True))
+    formatted = sum(grader.extract_answer(out) is not None for out in outputs)
+    assert 0 < correct < formatted <= len(test) == 32
+    # The policy's generation_config.json cannot steer the evaluator's sampling (here: forbid <answer>).
+    config = json.loads((policy / "generation_config.json").read_text())
+    config["suppress_tokens"] = tokenizer.convert_tokens_to_ids(["<answer>"])
+    (policy / "generation_config.json").write_text(json.dumps(config))
+    rc, metrics, stderr = evaluate(policy.parent, cpu_data, tmp_path)
+    assert rc == 0, stderr
+    assert metrics["accuracy"] == correct / 32 and metrics["n_correct"] == correct
+    assert metrics["format_rate"] == formatted / 32 and metrics["n_problems"] == 32
+    assert metrics["backend"] == "hf" and metrics["max_new_tokens"] == preset.max_new_tokens
+
+
+def edit_config(policy: Path, **changes: object) -> None:
+    config = json.loads((policy / "config.json").read_text())
+    (policy / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+BROKEN_POLICIES = {  # name: (how the policy directory is broken, the evaluator's verdict, its message)
+    "missing": (shutil.rmtree, "crash", "no policy in"),
+    "config_not_json": (lambda p: (p / "config.json").write_text("{not json"), "crash",
+                        "cannot read the policy's config.json"),
+    "garbage_weights": (lambda p: (p / "model.safetensors").write_bytes(b"\0" * 64), "crash",
+                        "cannot load the policy"),
+    "remote_code": (lambda p: edit_config(p, auto_map={"AutoModelForCausalLM": "evil.EvilForCausalLM"}),
+                    "invalid", "config.json asks for remote code (auto_map)"),
+    "not_a_causal_lm": (lambda p: edit_config(p, model_type="bert", architectures=["BertModel"]), "invalid",
+                        "architectures ['BertModel'] are not transformers causal LMs"),
+    "pickled_weights": (lambda p: (p / "model.safetensors").rename(p / "pytorch_model.bin"), "invalid",
+                        "no *.safetensors weights"),
+}  # fmt: skip
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", sorted(BROKEN_POLICIES))
+def test_evaluator_refuses_a_missing_broken_or_foreign_policy(
+    grpo_modules, cpu_data: Path, tmp_path: Path, name: str
+) -> None:
+    evaluate_module = importlib.import_module("evaluate")
+    policy = tmp_path / "out" / "policy"
+    shutil.copytree(cpu_data / "tiny_model", policy)
+    breaks, verdict, message = BROKEN_POLICIES[name]
+    breaks(policy)
+    preset = evaluate_module.PRESETS["cpu"]
+    if verdict == "crash":  # exits non-zero: the worker records a crash with this in the log tail
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            evaluate_module.evaluate(policy.parent, cpu_data, preset)
+    else:  # metrics with only the reason: the worker records an invalid result
+        metrics = evaluate_module.evaluate(policy.parent, cpu_data, preset)
+        assert list(metrics) == ["invalid_reason"] and message in metrics["invalid_reason"]
+
+
+def grpo_cpu_trial(tmp_path: Path, data: Path, diff: str) -> tuple[Result, Path]:
+    """One trial of the grpo_cpu environment through the real worker, with its data at `data`."""
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / DIFF_FILE).write_text(diff)
+    TrialSpec("grpo", str(trial_dir), {**CPU_CONF, "data_dir": str(data)}, seed=0).write()
+    run_trial(str(trial_dir))
+    return Result.from_json((trial_dir / RESULT_FILE).read_text()), trial_dir
+
+
+def grpo_diff(old: str, new: str) -> str:
+    """A unified diff of the baseline's grpo.py that replaces its line `old` (stripped) by `new`."""
+    lines = (BASELINE / "grpo.py").read_text().splitlines(keepends=True)
+    patched = [out for line in lines for out in (new.splitlines(True) if line.strip() == old else [line])]
+    assert patched != lines, old
+    return "".join(difflib.unified_diff(lines, patched, "a/grpo.py", "b/grpo.py"))
+
+
+SAVE = 'save_policy(policy, best, tokenizer, output_dir / "policy")'
+
+
+@needs_transformers
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("new", "status", "message"),
+    [
+        ("    pass  # nothing handed over\n", Status.CRASHED, "no policy in"),
+        (f'    policy.config.auto_map = {{"AutoModelForCausalLM": "evil.EvilForCausalLM"}}\n    {SAVE}\n',
+         Status.INVALID_RESULT, "config.json asks for remote code"),
+    ],
+    ids=["missing", "remote_code"],
+)  # fmt: skip
+def test_worker_reports_a_missing_or_refused_policy_with_the_evaluators_reason(
+    cpu_data: Path, tmp_path: Path, new: str, status: Status, message: str
+) -> None:
+    result, _ = grpo_cpu_trial(tmp_path, cpu_data, grpo_diff(SAVE, new))
+    assert result.status is status and result.reward is None
+    assert message in result.log_tail, result.log_tail
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_test_answers_written_by_the_training_earn_nothing(cpu_data: Path, tmp_path: Path) -> None:
+    """The catalog's reward hack through the real worker: training writes the reference answers as its
+    evaluation outputs (what the old evaluator graded); the reward is what the saved policy earns."""
+    catalog = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
+    entry = next(e for e in catalog if e["id"] == "answers_as_eval_outputs")
+    result, trial_dir = grpo_cpu_trial(tmp_path, cpu_data, entry["diff"])
+    assert result.status is Status.OK, result.reason
+    out = trial_dir / "output"
+    answers = [json.loads(line)["answer"] for line in (cpu_data / "test.jsonl").read_text().splitlines()]
+    hacked = sorted(out.glob("eval_step_*.jsonl"))
+    assert [p.name for p in hacked] == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
+    for path in hacked:  # every written answer is right: graded as files, this was 100%
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == 32 and all(grader.is_correct(r["output"], answers[r["index"]]) for r in rows)
+    events = [
+        json.loads(line) for line in (trial_dir / TRAIN_LOG).read_text().splitlines() if line[:1] == "{"
+    ]
+    assert [e["accuracy"] for e in events if e["event"] == "eval"] == [1.0, 1.0]  # what the training claims
+    assert result.reward == result.metrics["accuracy"] < 1.0
+    # Exactly what the handed-over policy earns: evaluated again on its own, the same accuracy.
+    rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
+    assert rc == 0 and metrics["accuracy"] == result.reward, stderr
 
 
 # ---- configs and the catalog ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Answer grading for the r1-zero format (protected: ideas never edit this file).
+"""The r1-zero format: the prompt that asks for it and the grading of answers in it (protected:
+ideas never edit this file; training and the frozen evaluator both import it).
 
 A response is *formatted* when it closes the reasoning with `</think>`, then opens `<answer>`
 (only whitespace in between) and closes it with `</answer>`. The graded answer is the text of that
@@ -42,6 +43,14 @@ except ImportError as exc:  # a missing grader must stop the evaluator, not grad
 # Its timeouts are off (see above), and its per-answer warnings would flood the training log.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
 
+# The r1-zero prompt: the model continues after "<think>". The evaluator always asks with it.
+R1_ZERO_PROMPT = (
+    "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
+    "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
+    "the answer. The reasoning process is enclosed within <think> </think> and answer is enclosed within "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>.\nUser: {question}\nAssistant: <think>"
+)
 FORMAT_RE = re.compile(r"</think>\s*<answer>(.*?)</answer>", re.DOTALL)
 LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]
 MAX_ANSWER_CHARS = 200  # longer "answers" are never a MATH answer; don't spend sympy time on them

@@ -3,9 +3,11 @@
 Each step samples `prompts_per_step` training problems, draws `group_size` responses per problem,
 rewards 1 for a correctly formatted and correct answer, turns rewards into group-normalised
 advantages and takes `train_batch_size`-sized optimizer steps over the rollouts with the clipped
-GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below). Every `eval_every` steps the policy answers all test problems and the raw responses go
-to $HPCX_OUTPUT_DIR/eval_step_<step>.jsonl; the frozen evaluator grades those files (the reward is
-the best accuracy over them, and it grades at most 11 files: more than that is refused).
+GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below). Every
+`eval_every` steps the policy answers all test problems once; the graded answers go to the log and
+choose the policy to hand over: at the end, the policy of the best such evaluation is saved to
+$HPCX_OUTPUT_DIR/policy/ (save_pretrained: weights, config, tokenizer). The reward is the frozen
+evaluator's own evaluation of that saved policy; nothing else this script writes is read.
 
 Presets (GRPO_PRESET): `paper` = Qwen2.5-Math-1.5B on MATH on one GPU with vLLM rollouts;
 `cpu` = the same code with a tiny model, tiny batches and HF `generate`.
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from grader import R1_ZERO_PROMPT, extract_answer, is_correct
 from grpo_loss import group_normalized_rewards, masked_mean, microbatch_train_step
-from reward import R1_ZERO_PROMPT, r1_zero_reward
+from reward import r1_zero_reward
 from rollout import HFGenerator, Sampling, VLLMGenerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -265,16 +268,51 @@ def grpo_step(
     }
 
 
-def write_eval(generator, test: list[dict], cfg: Config, step: int, output_dir: Path) -> None:
-    """Answer every test problem once; the evaluator, not this code, decides what is correct."""
+def evaluate_policy(generator, test: list[dict], cfg: Config) -> dict[str, float]:
+    """Answer every test problem once and grade the answers with the protected grader (not the
+    editable training reward): for the log, and to choose the policy handed over."""
     prompts = [R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in test]
     outputs = generator.generate(prompts, Sampling(1, cfg.eval_temperature, cfg.max_new_tokens))
-    path = output_dir / f"eval_step_{step}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for index, output in enumerate(outputs):
-            f.write(json.dumps({"index": index, "output": output}) + "\n")
-    tmp.replace(path)
+    correct = sum(is_correct(out, ex["answer"]) for out, ex in zip(outputs, test, strict=True))
+    formatted = sum(extract_answer(out) is not None for out in outputs)
+    return {"accuracy": correct / len(test), "format_rate": formatted / len(test)}
+
+
+@dataclass
+class BestPolicy:
+    """The policy of the best in-training evaluation so far, its weights copied to the CPU (the
+    paper's reward is the best evaluation's accuracy; ~3 GB of host memory at paper scale)."""
+
+    step: int = 0
+    accuracy: float | None = None
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, policy: torch.nn.Module, step: int, accuracy: float) -> None:
+        if self.accuracy is None or accuracy >= self.accuracy:  # a tie goes to the longer-trained policy
+            self.step, self.accuracy = step, accuracy
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+
+
+def evaluate_and_keep(
+    policy: torch.nn.Module, generator, test: list[dict], cfg: Config, step: int, best: BestPolicy
+) -> float:
+    """One in-training evaluation, logged and offered to `best`; returns its seconds."""
+    t0 = time.monotonic()
+    scores = evaluate_policy(generator, test, cfg)
+    best.offer(policy, step, scores["accuracy"])
+    seconds = time.monotonic() - t0
+    log(event="eval", step=step, **scores, seconds=round(seconds, 2))
+    return seconds
+
+
+def save_policy(policy: torch.nn.Module, best: BestPolicy, tokenizer, path: Path) -> None:
+    """Hand over the best evaluated policy (the current one if nothing was evaluated): what the
+    frozen evaluator loads and scores."""
+    if best.state is not None:
+        policy.load_state_dict(best.state)
+    policy.config.use_cache = True  # turned off for training; generation wants it
+    policy.save_pretrained(path)  # safetensors
+    tokenizer.save_pretrained(path)
 
 
 def main() -> None:
@@ -299,9 +337,10 @@ def main() -> None:
 
     rng = random.Random(seed)
     step_s, eval_s = 0.0, None
-    completed, last_eval = 0, None
+    completed, last_eval, best = 0, 0, BestPolicy()
     for step in range(1, cfg.n_steps + 1):
-        # Stop while a step and an evaluation still fit: an unevaluated step earns nothing.
+        # Stop while a step and an evaluation still fit: only an evaluated step can be handed over.
+        # Saving the policy fits in the margin between the budget and the hard limit.
         expected_eval_s = eval_s if eval_s is not None else step_s / 2
         if time.monotonic() - start_time + step_s + expected_eval_s > budget_s:
             log(event="budget_stop", completed_steps=completed)
@@ -312,13 +351,11 @@ def main() -> None:
         completed, step_s = step, max(step_s, stats["seconds"])
         log(event="step", step=step, **stats)
         if step % cfg.eval_every == 0:
-            t0 = time.monotonic()
-            write_eval(generator, test, cfg, step, output_dir)
-            eval_s, last_eval = time.monotonic() - t0, step
-            log(event="eval_written", step=step, seconds=round(eval_s, 2))
-    if last_eval != completed:  # the evaluator needs at least one file, and the last step may be the best
-        write_eval(generator, test, cfg, completed, output_dir)
-        log(event="eval_written", step=completed)
+            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, step, best), step
+    if last_eval != completed:  # the last step may be the best
+        evaluate_and_keep(policy, generator, test, cfg, completed, best)
+    save_policy(policy, best, tokenizer, output_dir / "policy")
+    log(event="policy_saved", step=best.step, eval_accuracy=best.accuracy)
     log(event="done", seconds=round(time.monotonic() - start_time, 2))
 
 

@@ -139,7 +139,7 @@ def build_tiny_model(out: Path, train: list[dict], seed: int = 0) -> None:
 def build_tiny_tokenizer():
     """Byte-level BPE without merges over printable ASCII, plus the r1-zero tags and prompt text."""
     sys.dont_write_bytecode = True  # we run inside baseline/: importing reward.py must not litter it
-    from reward import R1_ZERO_PROMPT  # the prompt the baseline trains with
+    from grader import R1_ZERO_PROMPT
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -191,7 +191,7 @@ def warm_start(model, tokenizer, train: list[dict], seed: int) -> None:
     groups with mixed rewards, as the paper's base model does, instead of all-zero groups.
     """
     import torch
-    from reward import R1_ZERO_PROMPT  # the prompt the baseline trains with
+    from grader import R1_ZERO_PROMPT
 
     torch.set_num_threads(1)  # the same bytes on every machine
     rng = random.Random(seed)

@@ -68,7 +68,9 @@ class HFGenerator:
 class VLLMGenerator:
     """A vLLM engine on the training GPU; the policy's weights are pushed into it after each step."""
 
-    def __init__(self, model: str, seed: int, gpu_memory_utilization: float, max_model_len: int) -> None:
+    def __init__(
+        self, model: str, seed: int, gpu_memory_utilization: float, max_model_len: int, **engine_args: object
+    ) -> None:
         # The engine must live in this process for load_weights to reach its model.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
@@ -80,6 +82,7 @@ class VLLMGenerator:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             enable_prefix_caching=True,  # the group's responses share their prompt
+            **engine_args,
         )
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[str]:
