@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hpc_executor.budget import CostMeter
+from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
 from hpc_executor.environment import REPO_ROOT, Environment
@@ -166,7 +166,14 @@ class Search:
             f"exploit slots per epoch {[self.strategy.exploit_count(e) for e in range(s.epochs)]}",
             f"trials         {shape.gpus} GPUs, {shape.cpus} CPUs, {shape.mem_gb} GB each; budget "
             f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
-            "check_only: preflight passed, nothing was run",
+            f"LLM budget     {usd(self.cfg.budget_usd) if self.cfg.budget_usd else 'none (budget_usd=...)'}; "
+            f"up to {self.cfg.model.implementer.max_concurrency} implementer requests at once",
+            *(
+                f"serves        {role}: {cfg.model} as a job ({cfg.serve.gpus} GPUs), started by the run"
+                for role in ROLES
+                if (cfg := self.cfg.model[role]).serve.enabled
+            ),
+            "check_only: preflight passed (keys, models, data, scheduler), nothing was run",
         ]
         return "\n".join(lines)
 
