@@ -43,6 +43,8 @@ class EnvConfig:
     prepare_command: list[str] | None = None  # builds data_dir (cwd baseline/)
     auto_prepare: bool = False  # cheap and offline: the driver runs prepare_command when data is missing
     requires: list[str] = field(default_factory=list)  # files under data_dir that must exist
+    eval_data: list[str] = field(default_factory=list)  # files under data_dir the evaluator reads: hashed at
+    # the run's start and checked before every evaluation, since trials could write to them
     extra_env: dict[str, str] = field(default_factory=dict)  # extra variables for run and eval
     catalog: str | None = None  # idea catalog for the offline stand-in, relative to dir
     reward: RewardConfig = field(default_factory=RewardConfig)

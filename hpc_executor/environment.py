@@ -86,6 +86,18 @@ class Environment:
             digest.update(rel.encode() + b"\0" + (self.baseline_dir / rel).read_bytes() + b"\0")
         return digest.hexdigest()[:16]
 
+    def eval_data_hash(self) -> str:
+        """sha256 over the evaluation data (``eval_data``), "" when none is declared."""
+        if not self.cfg.eval_data:
+            return ""
+        digest = hashlib.sha256()
+        for rel in self.cfg.eval_data:
+            digest.update(rel.encode() + b"\0")
+            with (self.data_dir / rel).open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()[:16]
+
     def implementer_files(self) -> list[str]:
         hidden = list(self.cfg.hidden_from_implementer)
         return [f for f in self.baseline_files() if not path_matches(f, hidden)]

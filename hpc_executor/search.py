@@ -131,11 +131,18 @@ class Search:
 
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
+                    "eval_data_hash": self.env.eval_data_hash(),
                     "strategy": self.cfg.strategy.name, "batch_size": str(self.cfg.strategy.batch_size)}  # fmt: skip
         for key, value in identity.items():
             recorded = self.ledger.get_meta(key)
             if recorded is None:
                 self.ledger.set_meta(key, value)
+            elif recorded != value and key == "eval_data_hash":
+                raise PreflightError(
+                    f"the evaluation data ({', '.join(self.cfg.env.eval_data)} in {self.env.data_dir}) is not what "
+                    f"{self.run_dir} started with (hash {recorded} -> {value}): its rewards would not compare. "
+                    "Prepare the original data again, or start a new run with run_name=<new name>."
+                )
             elif recorded != value:
                 raise PreflightError(
                     f"{self.run_dir} belongs to a run with {key}={recorded}, not {value}; resume it with its "
@@ -326,6 +333,7 @@ class Search:
                 isolate_pids=self.cfg.isolate_pids,
                 provenance={
                     "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
+                    "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
                     "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
                     "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
                     "seed": self.cfg.seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,

@@ -157,6 +157,10 @@ class TrialRunner:
         if changed:
             return self._result(Status.INVALID_RESULT, reason=f"{changed} during the run: its frozen evaluator "
                                 "cannot be trusted; restore it (git checkout)")  # fmt: skip
+        changed = self._eval_data_changed()
+        if changed:
+            return self._result(Status.INVALID_RESULT, reason=f"{changed} during the run, so it cannot be scored; "
+                                "check this trial's diff, then prepare the data again")  # fmt: skip
         tampered = self._tampered_protected_files()
         if tampered:
             return self._result(
@@ -199,6 +203,19 @@ class TrialRunner:
             return (
                 f"the environment's baseline in {self.env.baseline_dir} changed (hash {expected} -> {found})"
             )
+        return ""
+
+    def _eval_data_changed(self) -> str:
+        """Why the evaluation data is not what the run started with, or ""."""
+        expected = self.spec.provenance.get("eval_data_hash")
+        if not expected:
+            return ""
+        try:
+            found = self.env.eval_data_hash()
+        except OSError as exc:
+            found = f"unreadable: {exc}"
+        if found != expected:
+            return f"the evaluation data {', '.join(self.env.cfg.eval_data)} in {self.env.data_dir} changed (hash {expected} -> {found})"
         return ""
 
     def _tampered_protected_files(self) -> list[str]:

@@ -251,3 +251,20 @@ def test_ctrl_c_in_a_terminal_asks_before_cancelling(tmp_path: Path, answer: str
         assert (len(frames["results"]) == 4 and (frames["trials"].submissions == 1).all()) or True
         ran = frames["trials"].merge(frames["results"], on="trial_id")
         assert (ran[ran.status == "ok"].submissions == 1).all(), "the trials survived the Ctrl-C"
+
+
+def test_a_run_does_not_resume_on_other_evaluation_data(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "answers.txt").write_text("42\n")
+    args = ["+env=quick", "+model=offline", "strategy.epochs=1", "strategy.batch_size=1", f"env.data_dir={data}",
+            "env.eval_data=[answers.txt]"]  # fmt: skip
+    first = run_search(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (data / "answers.txt").write_text("41\n")
+    second = run_search(*args, cwd=tmp_path)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert (
+        "the evaluation data (answers.txt in" in second.stderr
+        and "Prepare the original data again" in second.stderr
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import quick_env_config
+from omegaconf import OmegaConf
 
 from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ
 from hpc_executor.types import Result, Status
@@ -281,3 +282,31 @@ def test_the_driver_drops_its_secrets_before_starting_jobs(monkeypatch: pytest.M
         [sys.executable, "-c", "import os; print(sorted(os.environ))"], capture_output=True, text=True
     )
     assert not any(k in child.stdout for k in SECRETS)
+
+
+def test_a_trial_that_writes_to_the_evaluation_data_is_invalid(tmp_path: Path) -> None:
+    from hpc_executor.environment import Environment
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "answers.txt").write_text("42\n")
+    env = quick_env_config(data_dir=str(data), eval_data=["answers.txt"])
+    expected = Environment(OmegaConf.create(env)).eval_data_hash()
+    diff = textwrap.dedent("""\
+        --- a/train.py
+        +++ b/train.py
+        @@ -8,2 +8,4 @@
+         import params
+
+        +open(os.path.join(os.environ["HPCX_DATA_DIR"], "answers.txt"), "w").write("what I will answer\\n")
+        +
+         x, velocity = 5.0, 0.0
+    """)
+    trial_dir = tmp_path / "trial"
+    trial_dir.mkdir()
+    (trial_dir / DIFF_FILE).write_text(diff)
+    TrialSpec("t1", str(trial_dir), env, provenance={"eval_data_hash": expected}).write()
+    run_trial(str(trial_dir))
+    result = result_of(trial_dir)
+    assert result.status is Status.INVALID_RESULT and "answers.txt" in result.reason
+    assert f"changed (hash {expected} -> " in result.reason and not (trial_dir / "eval.log").exists()
