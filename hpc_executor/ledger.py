@@ -266,11 +266,11 @@ class Ledger:
         return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
 
     def llm_usage(self) -> list[dict[str, Any]]:
-        """Calls, failures, tokens and dollars per role and purpose, for the end-of-run table."""
+        """Calls, failures, tokens and dollars per role, purpose and model, for the end-of-run table."""
         rows = self.db.execute(
-            "SELECT role, purpose, count(*) AS calls, count(error) AS failed,"
+            "SELECT role, purpose, provider || ':' || model AS model, count(*) AS calls, count(error) AS failed,"
             " coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
-            " coalesce(sum(cost_usd), 0.0) AS cost_usd FROM llm_calls GROUP BY role, purpose"
+            " coalesce(sum(cost_usd), 0.0) AS cost_usd FROM llm_calls GROUP BY role, purpose, provider, model"
             " ORDER BY role, min(created_at)"
         )
         return [dict(r) for r in rows]

@@ -13,6 +13,7 @@ from rich.table import Table
 from hpc_executor.budget import CostMeter, usd
 
 log = logging.getLogger("hpc_executor.search")
+OFFLINE_NOTE = "offline stand-in (not an LLM; tokens are chars/4)"
 
 
 class Progress:
@@ -66,17 +67,18 @@ class Progress:
         return table
 
     def usage_table(self, usage: list[dict[str, Any]], meter: CostMeter) -> Table:
-        """LLM calls, tokens and dollars per role and purpose (tokens include thinking)."""
+        """LLM calls, tokens and dollars per role, purpose and model (tokens include thinking)."""
         table = Table(title="LLM usage", caption=meter.describe())
-        for col in ("role", "purpose", "calls", "failed", "tokens in", "tokens out", "cost"):
-            table.add_column(col, justify="left" if col in ("role", "purpose") else "right")
+        for col in ("role", "purpose", "model", "calls", "failed", "tokens in", "tokens out", "cost"):
+            table.add_column(col, justify="left" if col in ("role", "purpose", "model") else "right")
         totals = dict.fromkeys(("calls", "failed", "input_tokens", "output_tokens", "cost_usd"), 0)
         for row in usage:
             for key in totals:
                 totals[key] += row[key]
-            table.add_row(row["role"], row["purpose"], *_usage_cells(row))
+            model = OFFLINE_NOTE if (row["model"] or "").startswith("offline:") else row["model"]
+            table.add_row(row["role"], row["purpose"], model, *_usage_cells(row))
         table.add_section()
-        table.add_row("all", "", *_usage_cells(totals))
+        table.add_row("all", "", "", *_usage_cells(totals))
         self.console.print(table)
         return table
 

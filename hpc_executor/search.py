@@ -246,12 +246,12 @@ class Search:
                 self._budget_note(f"epoch {epoch + 1}: {sum(map(len, groups))} idea slots left empty")
                 return
             remaining = []
+            history, baseline = self.ledger.outcomes(until_epoch=epoch), self.baseline_reward()
             with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ideate") as pool:
                 futures = {}
                 for group in groups:
                     purpose = group[0].purpose
-                    shown = self.strategy.shown(purpose, epoch, self.ledger.outcomes(until_epoch=epoch),
-                                                self.baseline_reward())  # fmt: skip
+                    shown = self.strategy.shown(purpose, epoch, history, baseline)
                     effective = "explore" if purpose == "exploit" and not shown else purpose
                     seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
                     future = pool.submit(self.ideator.propose, effective, len(group), shown, seed)

@@ -110,7 +110,7 @@ def test_llm_usage_sums_tokens_and_dollars_per_role_and_purpose(tmp_path: Path) 
                             cost_usd=cost, error=error, outcome="error" if error else "ok")  # fmt: skip
     usage = {(u["role"], u["purpose"]): u for u in ledger.llm_usage()}
     assert list(usage) == [("ideator", "ideate"), ("implementer", "implement"), ("implementer", "revise")]
-    assert usage["implementer", "implement"] == {"role": "implementer", "purpose": "implement", "calls": 2,
+    assert usage["implementer", "implement"] == {"role": "implementer", "purpose": "implement", "model": None, "calls": 2,
                                                  "failed": 1, "input_tokens": 1000, "output_tokens": 200,
                                                  "cost_usd": 1.0}  # fmt: skip
     assert ledger.spent_usd() == pytest.approx(1.75)
