@@ -56,8 +56,9 @@ class EnvConfig:
 
 @dataclass
 class ServeConfig:
-    """An open model served for the run as a job of its own (vLLM by default): started before the
-    first call, health-checked, used through its OpenAI-compatible API, cancelled at the end."""
+    """An open model served for the run as a job of its own (vLLM by default): started when an epoch
+    has calls to make, health-checked, used through its OpenAI-compatible API, cancelled when the
+    epoch's calls are done."""
 
     enabled: bool = False  # false: use base_url as it is (a server someone else runs)
     # argv; {model}, {port} and {gpus} are substituted. The job picks a free port on its node.
@@ -69,6 +70,9 @@ class ServeConfig:
     time_limit_min: int = 1440  # the job's time limit: the longest the run may use the server
     startup_timeout_s: float = 1800.0  # queueing plus loading the weights
     health_path: str = "/health"  # vLLM's; relative to the server's root, not to /v1
+    # false: the server is stopped while an epoch's trials run and started again for the next epoch's
+    # calls (its GPUs go to other jobs meanwhile); true: it stays up, saving a start per epoch
+    keep_alive: bool = False
 
 
 @dataclass

@@ -61,6 +61,7 @@ class ModelServer:
         self.folder = folder
         self.endpoint_file = folder / ENDPOINT_FILE
         self.job_id: str | None = None
+        self.url: str | None = None  # the OpenAI-compatible base URL (.../v1) while the server is up
         self._sleep = sleep
 
     @property
@@ -85,9 +86,9 @@ class ModelServer:
         url = self._endpoint()
         # sacct lags: a job that started seconds ago may still read pending, or unknown, and answer
         if not state.finished and url and self._healthy(url):
-            self.job_id = job_id
+            self.job_id, self.url = job_id, url + "/v1"
             log.info("re-using model server job %s at %s", job_id, url)
-            return url + "/v1"
+            return self.url
         self.scheduler.cancel([job_id])  # whatever is left of it: never two servers for one run
         return None
 
@@ -107,7 +108,8 @@ class ModelServer:
             url = self._endpoint()
             if url and self._healthy(url):
                 log.info("model server for %s is up at %s", self.model, url)
-                return url + "/v1"
+                self.url = url + "/v1"
+                return self.url
             self._check_alive()
             self._sleep(POLL_S)
         self.stop()
@@ -121,7 +123,7 @@ class ModelServer:
         if self.job_id:
             self.scheduler.cancel([self.job_id])
             log.info("model server job %s for %s cancelled", self.job_id, self.model)
-            self.job_id = None
+            self.job_id = self.url = None
 
     def _endpoint(self) -> str | None:
         try:

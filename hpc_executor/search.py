@@ -91,33 +91,40 @@ class Search:
 
     def start_servers(self) -> None:
         """Serve the open models that roles asked to have served (one server per distinct model and
-        serve config), or adopt the ones an earlier driver of this run left running."""
-        urls: dict[str, str] = {}
+        serve config), or adopt the ones an earlier driver of this run left running; servers that
+        are up already stay as they are."""
         for role in ROLES:
             cfg = self.cfg.model[role]
             if not cfg.serve.enabled:
                 continue
             key = hashlib.sha256(f"{cfg.model}|{OmegaConf.to_yaml(cfg.serve)}".encode()).hexdigest()[:12]
-            if key not in urls:
+            server = self._servers_by_key.get(key)
+            if server is None:
                 server = ModelServer(
                     cfg.model, cfg.serve, self.scheduler, self.run_dir / "model_servers" / key
                 )
                 meta = f"model_server_job:{key}"
                 job_id = self.ledger.get_meta(meta)
-                urls[key] = (server.adopt(job_id) if job_id else None) or server.start()
+                if not (job_id and server.adopt(job_id)):
+                    server.start()
                 self.ledger.set_meta(meta, server.job_id)
                 self._servers_by_key[key] = server
             llm = self._llm(role)
-            assert isinstance(llm, RetryingLLM)  # serve.enabled is for the openai_compatible provider
-            llm.point_at(urls[key])
+            assert isinstance(llm, RetryingLLM) and server.url  # serve.enabled is for openai_compatible
+            llm.point_at(server.url)
             llm.check_model()
 
-    def stop_servers(self) -> None:
-        """Cancel the run's model servers (a no-op when there are none, or they are stopped already)."""
-        for key, server in self._servers_by_key.items():
-            server.stop()
-            self.ledger.set_meta(f"model_server_job:{key}", None)
-        self._servers_by_key.clear()
+    def stop_servers(self, *, between_epochs: bool = False) -> None:
+        """Cancel the run's model servers (a no-op when there are none, or they are stopped already);
+        between epochs, those with ``serve.keep_alive`` stay up."""
+        keep = {
+            key for key, server in self._servers_by_key.items() if between_epochs and server.cfg.keep_alive
+        }
+        for key, server in list(self._servers_by_key.items()):
+            if key not in keep:
+                server.stop()
+                self.ledger.set_meta(f"model_server_job:{key}", None)
+                del self._servers_by_key[key]
 
     def open(self) -> None:
         """Prepare the data, and open (or create) the run's ledger, checking it is this run's."""
@@ -127,7 +134,6 @@ class Search:
         self.meter.add(self.ledger.spent_usd())
         self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
-        self.start_servers()
 
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
@@ -186,11 +192,7 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
-        try:
-            self.open()
-        except BaseException:
-            self.stop_servers()  # one of two servers may have started
-            raise
+        self.open()
         s = self.cfg.strategy
         log.info(
             "run %s: env %s, strategy %s (%d epochs x %d ideas), ideator %s, implementer %s, scheduler %s",
@@ -203,10 +205,12 @@ class Search:
             self.ledger.add_patch(Patch(BASELINE_ID, "", "applied"))
         try:
             for epoch in range(s.epochs):
+                if self._calls_left(epoch) and not self.meter.exhausted():
+                    self.start_servers()
                 self.ideate(epoch)
                 self.implement(epoch)
-                if epoch + 1 == s.epochs or self.meter.exhausted():
-                    self.stop_servers()  # no call is left to make: free the servers' GPUs for the trials
+                # the trials' turn: free the servers' GPUs, unless kept for the next epoch's calls
+                self.stop_servers(between_epochs=epoch + 1 < s.epochs and not self.meter.exhausted())
                 self.create_trials(epoch)
                 self.execute(epoch)
                 self.progress.baseline = self.baseline_reward()
@@ -221,6 +225,13 @@ class Search:
             self.stop_servers()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
+
+    def _calls_left(self, epoch: int) -> bool:
+        """Whether this epoch still needs an LLM: empty idea slots, or ideas without a patch."""
+        filled = self.ledger.slots_filled(epoch)
+        if any(slot.index not in filled for slot in self.strategy.plan(epoch)):
+            return True
+        return any(self.ledger.patch_for(i.idea_id) is None for i in self.ledger.ideas(epoch))
 
     def ideate(self, epoch: int) -> None:
         """Fill the epoch's empty idea slots, in calls of ``call_size``. Epoch-0 style calls go one at a

@@ -126,7 +126,7 @@ IDEA_AND_DIFF = (  # one answer serves both roles: the ideator reads the idea, t
 )
 
 
-def served_search(tmp_path: Path, *extra: str):
+def served_search(tmp_path: Path, *extra: str, epochs: int = 1):
     reply = tmp_path / "reply.txt"
     reply.write_text(IDEA_AND_DIFF)
     command = [sys.executable, str(FAKE_SERVER), "--host", "0.0.0.0", "--port", "{port}", "--models", "{model}",
@@ -134,8 +134,11 @@ def served_search(tmp_path: Path, *extra: str):
     serve = [f"model.{role}.serve.{key}={value}" for role in ("ideator", "implementer") for key, value in
              {"enabled": "true", "command": "[" + ",".join(f"'{a}'" for a in command) + "]", "gpus": 0, "cpus": 1,
               "mem_gb": 1, "startup_timeout_s": 120}.items()]  # fmt: skip
-    return run_search("+env=quick", "+model=qwen3_vllm", "strategy.epochs=1", "strategy.batch_size=1",
-                      "strategy.call_size=1", "model.samples=1", *serve, *extra, cwd=tmp_path)  # fmt: skip
+    fail_fast = [
+        f"model.{role}.max_retries=1" for role in ("ideator", "implementer")
+    ]  # a broken server shows at once
+    return run_search("+env=quick", "+model=qwen3_vllm", f"strategy.epochs={epochs}", "strategy.batch_size=1",
+                      "strategy.call_size=1", "model.samples=1", *serve, *fail_fast, *extra, cwd=tmp_path)  # fmt: skip
 
 
 def check_served_run(tmp_path: Path, proc) -> None:
@@ -161,3 +164,16 @@ def test_a_search_serves_its_open_model_locally_and_stops_it(tmp_path: Path) -> 
 def test_a_search_serves_its_open_model_on_slurm_and_stops_it(tmp_path: Path) -> None:
     check_served_run(tmp_path, served_search(tmp_path, "scheduler=slurm", "scheduler.poll_interval_s=0.5",
                                               "scheduler.poll_interval_max_s=1"))  # fmt: skip
+
+
+@pytest.mark.parametrize(("keep_alive", "starts"), [(False, 2), (True, 1)])
+def test_the_server_is_down_while_trials_run_unless_kept_alive(
+    tmp_path: Path, keep_alive: bool, starts: int
+) -> None:
+    keep = [f"model.{role}.serve.keep_alive={str(keep_alive).lower()}" for role in ("ideator", "implementer")]
+    proc = served_search(tmp_path, *keep, epochs=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("is up at http://") == starts and out.count("cancelled") == starts
+    frames = ledger_module.load(tmp_path / "outputs/quick-qwen3_vllm-evolution-seed0")
+    assert (frames["results"].status == "ok").sum() == 3  # the baseline and one idea per epoch
