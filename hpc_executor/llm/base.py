@@ -23,17 +23,14 @@ class LLMSpec:
     backoff_max_s: float = 60.0
     price_in_per_mtok: float = 0.0  # USD per million input tokens
     price_out_per_mtok: float = 0.0  # USD per million output tokens (thinking included)
-    base_url: str | None = (
-        None  # for gateways, local servers (required by openai_compatible) and the tests' fake
-    )
-    api_key_env: str | None = (
-        None  # env var that holds the key; default per provider (openai_compatible: none)
-    )
+    # for gateways, local servers (required by openai_compatible) and the tests' fake
+    base_url: str | None = None
+    # the env var that holds the key; default per provider (openai_compatible: none)
+    api_key_env: str | None = None
     stream: bool = True  # stream answers: the timeout then bounds silence, not the whole (long) answer
     check_model: bool = True  # ask the models endpoint at start-up; off for gateways that have none
-    max_concurrency: int = (
-        8  # HTTP attempts in flight per endpoint (provider + base_url), shared by all roles
-    )
+    # HTTP attempts in flight per endpoint (provider + base_url), shared by all roles
+    max_concurrency: int = 8
 
 
 @dataclass
