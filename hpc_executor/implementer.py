@@ -33,6 +33,11 @@ from hpc_executor.worker import copy_baseline
 log = logging.getLogger("hpc_executor.implementer")
 
 CHAINS_PER_REQUEST = 2  # chains in the pool per request the provider may have in flight
+TRUNCATED_NOTE = (
+    "Your answer was cut off at the output token limit before it ended, so its diff was not used (a cut-off "
+    "diff can apply and silently drop the changes it did not reach). Write a shorter diff: only the hunks "
+    "that change, with three lines of context."
+)
 BUDGET_REACHED = "the run's LLM budget was reached"
 RESERVED_NOTE = (
     "Reserved files, not shown: {files}. They hold the frozen evaluator and the data preparation; "
@@ -45,7 +50,7 @@ class Call:
     call_id: str
     request: LLMRequest
     response: LLMResponse
-    # what came of the answer: ok (ideator) | applied | rejected | failed_to_apply | not_a_diff | error
+    # what came of the answer: ok (ideator) | applied | rejected | failed_to_apply | not_a_diff | truncated | error
     outcome: str = ""
 
 
@@ -185,12 +190,15 @@ class Implementer:
                 attempt.error, call.outcome = f"LLM call failed: {response.error}", "error"
                 return attempt
             try:
+                if response.truncated:  # a cut-off diff may still apply, minus what it did not reach
+                    raise NotADiff(TRUNCATED_NOTE)
                 attempt.diff = self.check(response.text)
                 call.outcome = "applied"
                 state.applied(sample)
                 return attempt
             except NotADiff as exc:  # no policy breach: revise, but do not count it as one
-                attempt.error, attempt.rejected, call.outcome = str(exc), False, "not_a_diff"
+                outcome = "truncated" if response.truncated else "not_a_diff"
+                attempt.error, attempt.rejected, call.outcome = str(exc), False, outcome
             except PatchRejected as exc:
                 attempt.error, attempt.rejected, call.outcome = str(exc), True, "rejected"
             except PatchFailed as exc:

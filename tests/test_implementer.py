@@ -21,6 +21,7 @@ from hpc_executor.types import Idea
 GOOD = "--- a/params.py\n+++ b/params.py\n@@ -2,1 +2,1 @@\n-LEARNING_RATE = 0.1\n+LEARNING_RATE = 0.4\n"
 OTHER_GOOD = "--- a/params.py\n+++ b/params.py\n@@ -2,1 +2,1 @@\n-LEARNING_RATE = 0.1\n+LEARNING_RATE = 0.3\n"
 STALE = "--- a/params.py\n+++ b/params.py\n@@ -2,1 +2,1 @@\n-LEARNING_RATE = 0.7\n+LEARNING_RATE = 0.4\n"
+CUT = "<cut off>"  # an answer ending in this comes back truncated at max_tokens, without it
 EVALUATOR = "--- a/evaluate.py\n+++ b/evaluate.py\n@@ -1,1 +1,1 @@\n-x\n+y\n"
 
 
@@ -50,7 +51,10 @@ class ScriptedLLM(LLM):
         time.sleep(self.delay(ctx["sample"]))
         with self._lock:
             self.in_flight -= 1
-        return LLMResponse(text=self.answers.get(key, "no diff here"), model="scripted", cost_usd=self.cost)
+        text = self.answers.get(key, "no diff here")
+        return LLMResponse(
+            text=text.removesuffix(CUT), model="scripted", cost_usd=self.cost, truncated=text.endswith(CUT)
+        )
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def test_the_lowest_sample_that_applies_wins_whatever_answers_first(env: Environ
 
 def test_samples_that_cannot_win_are_not_asked_for(env: Environment) -> None:
     # max_concurrency 1: two chains in the pool; sample 0 applies at once, sample 1 is already asking
-    llm = ScriptedLLM({("e0-000", 0, 0): GOOD}, delay=lambda k: 0.2 * k, max_concurrency=1)
+    llm = ScriptedLLM({("e0-000", 0, 0): GOOD}, delay=lambda k: 1.0 * k, max_concurrency=1)
     patch, calls = Implementer(llm, env, samples=10, revisions=2, thinking_budget=0).implement(idea(0))
     assert patch.status == "applied" and "LEARNING_RATE = 0.4" in patch.diff
     assert sorted(llm.asked) == [("e0-000", 0, 0), ("e0-000", 1, 0)]  # no revision of 1, no sample 2-9
@@ -128,3 +132,13 @@ def test_a_budget_reached_mid_idea_says_so(env: Environment) -> None:
 def test_a_budget_must_be_positive(budget: float) -> None:
     with pytest.raises(ConfigError, match="positive"):
         CostMeter(budget)
+
+
+def test_a_cut_off_answer_is_never_applied_and_is_revised_with_the_reason(env: Environment) -> None:
+    half = GOOD.split("+LEARNING_RATE")[0]  # stops before its added line: as a diff, it deletes the line
+    llm = ScriptedLLM({("e0-000", 0, 0): half + CUT, ("e0-000", 0, 1): GOOD})
+    patch, calls = Implementer(llm, env, samples=1, revisions=1, thinking_budget=0).implement(idea(0))
+    assert [c.outcome for c in calls] == ["truncated", "applied"]
+    assert patch.status == "applied" and "+LEARNING_RATE = 0.4" in patch.diff
+    assert calls[1].request.context["error"].startswith("Your answer was cut off at the output token limit")
+    assert "cut off at the output token limit" in calls[1].request.prompt
