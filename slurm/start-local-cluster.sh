@@ -282,6 +282,8 @@ node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
 # is still running.
 check_other_cluster() {
 	local other
+	# A fresh machine has no slurm.conf yet: nothing else can be running.
+	[[ -f $CONF_DIR/slurm.conf ]] || return 0
 	other=$(sed -n "s|^$MARKER ||p" "$CONF_DIR/slurm.conf" 2>/dev/null | head -1)
 	[[ -z $other || $other == "$STATE" ]] && return 0
 	if pid_alive "$other/run/slurmctld.pid" slurmctld || pid_alive "$other/run/slurmd.pid" slurmd; then
