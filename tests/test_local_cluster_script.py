@@ -159,8 +159,12 @@ def test_a_second_cluster_in_an_empty_root_starts_runs_a_job_and_stops(fresh_roo
     again = run_script("start-local-cluster.sh", settings)
     assert again.returncode == 0 and "started:[]" in again.stdout, again.stdout + again.stderr
 
+    running = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "sleep 300"],
+                             env=env, capture_output=True, text=True, check=True, timeout=30).stdout.strip()  # fmt: skip
+    assert wait_for_state(running, env, "RUNNING") == "RUNNING"
     down = run_script("stop-local-cluster.sh", settings, "--cancel-jobs")
     assert down.returncode == 0, down.stderr
+    assert "cancelled 1 job(s)" in down.stderr  # this cluster's job, none of the machine's
     assert "stopped [slurmd slurmctld slurmdbd mariadbd]" in down.stdout  # munged is the machine's
     ports = [int(settings[k]) for k in settings if k.endswith("_PORT")]
     assert not any(listening(p) for p in ports)
