@@ -59,7 +59,9 @@ check_settings() {
 	[[ $(printf '%s\n' "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT" | sort -u | wc -l) == 4 ]] ||
 		die "the four ports must differ (slurmctld $CTLD_PORT, slurmd $SLURMD_PORT, slurmdbd $DBD_PORT, MariaDB $DB_PORT)"
 	[[ $CLUSTER =~ ^[a-z][a-z0-9_]{0,39}$ ]] || die "HPCX_SLURM_CLUSTER must be lower-case letters, digits and _, not '$CLUSTER'"
-	[[ $NODE =~ ^[A-Za-z0-9][A-Za-z0-9-]*$ ]] || die "HPCX_SLURM_NODE must be a plain host-like name, not '$NODE'"
+	# (The default, this host's own name, is taken as it is.)
+	[[ -z ${HPCX_SLURM_NODE:-} || $NODE =~ ^[A-Za-z0-9][A-Za-z0-9-]*$ ]] ||
+		die "HPCX_SLURM_NODE must be a plain host-like name, not '$NODE'"
 }
 
 # A daemon that exited can stay a zombie here (nothing reaps orphans), so `kill -0` is not enough:
