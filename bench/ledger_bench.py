@@ -1,9 +1,10 @@
 """Ledger benchmark (run on demand, not a test): ingest rate and the cost of an empty poll.
 
-    python bench/ledger_bench.py [--ingest 10000] [--recorded 100000] [--open 64]
+    python bench/ledger_bench.py [--ingest 10000] [--recorded 100000] [--open 64] [--smoke]
 
 Targets (issue 2): >= 5,000 results/s ingested from result files; <= 20 ms for a poll that finds
 nothing new while 100,000 results are already recorded (and `--open` trials are still running).
+``--smoke``: 200 / 2,000 / 8, to check that it still runs (every result ingested once).
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ def main() -> None:
     parser.add_argument("--ingest", type=int, default=10_000, help="result files to ingest")
     parser.add_argument("--recorded", type=int, default=100_000, help="results already in the ledger")
     parser.add_argument("--open", type=int, default=64, help="trials still running during the empty poll")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: check that it runs, not its numbers"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.ingest, args.recorded, args.open = 200, 2_000, 8
 
     rate, elapsed = bench_ingest(args.ingest)
     median_ms, max_ms = bench_empty_poll(args.recorded, args.open)

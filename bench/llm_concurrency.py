@@ -3,6 +3,7 @@ for the tiny environment through the real OpenAI SDK provider, max_concurrency C
 (its own process) answering after a fixed latency L.
 
     python bench/llm_concurrency.py [--ideas 10] [--samples 10] [--caps 16 ...] [--latencies 0.2 ...] [--plain]
+    python bench/llm_concurrency.py --smoke    # 2 ideas x 2 samples, C=2, L=0.05 s: does it still run?
 
 Every answer is a diff that does not apply and revisions are off, so that every sample is asked for
 once (B*N calls) and every answer goes through the real check (git apply on a scratch copy of the
@@ -101,7 +102,12 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="+", default=[16], help="C, max_concurrency")
     parser.add_argument("--latencies", type=float, nargs="+", default=[0.2], help="L, the fake's latency (s)")
     parser.add_argument("--plain", action="store_true", help="no streaming")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: check that it runs, not its numbers"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.ideas, args.samples, args.caps, args.latencies = 2, 2, [2], [0.05]
     os.environ[KEY_ENV] = "sk-bench-not-a-real-key"
     register_configs()
     calls = args.ideas * args.samples

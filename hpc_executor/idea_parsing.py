@@ -70,7 +70,8 @@ def _from_json(text: str) -> list[Idea]:
 def _json_values(text: str) -> list[Any]:
     """Every JSON array or object that starts at a '[' or '{' and parses, outermost first."""
     decoder = json.JSONDecoder()
-    values, pos = [], 0
+    values: list[Any] = []
+    pos = 0
     while True:
         starts = [i for i in (text.find("[", pos), text.find("{", pos)) if i >= 0]
         if not starts:

@@ -29,7 +29,7 @@ class Ideator:
                         "explore": thinking_budget_search}  # fmt: skip
         self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=False)
 
-    def propose(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: int) -> Proposal:
+    def propose(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: str) -> Proposal:
         """Ask for ``n`` ideas. ``purpose``: ideate (epoch 0 / best-of-N), exploit or explore.
         ``shown``: earlier ideas as dicts with title, description, status, reward."""
         r = self.env.cfg.reward

@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -337,8 +337,8 @@ class Search:
             TrialSpec(
                 trial_id=trial_id,
                 trial_dir=str(trial_dir),
-                env=OmegaConf.to_container(self.cfg.env, resolve=True) | {"dir": str(self.env.dir),
-                                                                          "data_dir": str(self.env.data_dir)},
+                env=cast(dict[str, Any], OmegaConf.to_container(self.cfg.env, resolve=True))
+                | {"dir": str(self.env.dir), "data_dir": str(self.env.data_dir)},
                 seed=self.cfg.seed,
                 keep_workspace=self.cfg.keep_workspaces,
                 isolate_pids=self.cfg.isolate_pids,
@@ -408,7 +408,7 @@ class Search:
         if not trials:
             return 0
         try:
-            states = self.scheduler.states([t.job_id for t in trials])
+            states = self.scheduler.states([_job_of(t) for t in trials])
         except SchedulerQueryError as exc:
             log.warning("%s; polling goes on", exc)
             return 0
@@ -417,7 +417,7 @@ class Search:
         now = time.monotonic()
         for t in trials:
             tid, tdir = t.trial_id, Path(t.trial_dir)
-            state = states.get(t.job_id, JobState.UNKNOWN)
+            state = states.get(_job_of(t), JobState.UNKNOWN)
             changed += self._follow(t, state)
             if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
                 self._waiting_since.pop(tid, None)
@@ -451,7 +451,7 @@ class Search:
         return 1
 
     def _settle(self, trial: Trial, state: JobState) -> None:
-        tid, job = trial.trial_id, trial.job_id
+        tid, job = trial.trial_id, _job_of(trial)
         if state in MAY_COME_BACK and trial.submissions < MAX_SUBMISSIONS:
             why = "vanished" if state is JobState.UNKNOWN else state.value
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
@@ -508,6 +508,12 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+
+
+def _job_of(trial: Trial) -> str:
+    """The job id of a trial past pending (the ledger records it with the submission)."""
+    assert trial.job_id is not None, f"trial {trial.trial_id} is {trial.state} but has no job id"
+    return trial.job_id
 
 
 def trial_shape(cfg: DictConfig) -> Shape:

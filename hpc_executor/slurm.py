@@ -21,7 +21,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import submitit
 from omegaconf import OmegaConf
@@ -125,7 +125,9 @@ class SlurmScheduler(Scheduler):
             "mem": f"{int(mem_gb)}GB",
             "signal_delay_s": 30,
             "setup": list(c.setup),
-            "additional_parameters": dict(OmegaConf.to_container(c.additional_parameters)),
+            "additional_parameters": dict(
+                cast(dict[str, Any], OmegaConf.to_container(c.additional_parameters))
+            ),
         }
         if shape.gpus:
             params["gpus_per_node"] = shape.gpus

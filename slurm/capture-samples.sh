@@ -6,12 +6,16 @@
 # local cluster, then save Slurm's real output under tests/data/slurm/ for parser tests.
 # Needs the cluster from slurm/start-local-cluster.sh and an otherwise idle node; takes about 2 min.
 # It marks the node DOWN for a moment (node-failure sample), so run it on no cluster but this one.
+# Needs: root (scontrol update), the cluster up and idle; for a cluster started with HPCX_SLURM_*
+# settings (local-cluster-settings.sh), the same settings. Writes only OUT and a dir in /tmp.
 set -euo pipefail
 
+SCRIPT_NAME=capture-samples
+# shellcheck source=slurm/local-cluster-settings.sh
+source "$(dirname "$0")/local-cluster-settings.sh"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$REPO/tests/data/slurm}
 WORK=$(mktemp -d /tmp/hpcx-slurm-samples.XXXXXX)
-NODE=$(hostname -s)
 FMT=JobID,JobIDRaw,State,ExitCode,NodeList,Elapsed,AllocTRES,Reason
 HEADER="# $(sinfo -V), captured $(date -u +%F) by slurm/capture-samples.sh:"
 declare -A ID

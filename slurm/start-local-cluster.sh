@@ -3,41 +3,20 @@
 # for development and CI. Idempotent: a second run while everything is up changes nothing; a run
 # after a crash restarts only what is down. See slurm/README.md.
 set -euo pipefail
+#
+# Needs: root; Debian 12 (or a Debian whose archive has the packages below) and, the first time,
+# apt-get access to its archive (package lists are fetched only if the install fails without them);
+# free ports (see local-cluster-settings.sh). Nothing else has to exist: the config dir, state dir,
+# munge key, fake GPUs and /usr/sbin/policy-rc.d (for the install only) are created when missing.
+# Every path and port can be overridden for a second cluster: see local-cluster-settings.sh.
 
-STATE=${HPCX_SLURM_STATE:-/var/lib/hpcx-slurm}
-DB_PORT=${HPCX_SLURM_DB_PORT:-3306}
-# Debian's slurm binaries (sbatch, sacct, ... and the daemons) read /etc/slurm/slurm.conf, so every
-# process finds the cluster without SLURM_CONF in its environment.
-CONF_DIR=/etc/slurm
-MARKER="# Written by hpc-executor slurm/start-local-cluster.sh; state in"
+SCRIPT_NAME=start-local-cluster
+# shellcheck source=slurm/local-cluster-settings.sh
+source "$(dirname "$0")/local-cluster-settings.sh"
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
-NODE=$(hostname -s)
 NGPUS=8
 NCPUS=8
 START_NS=$(date +%s%N)
-
-log() { echo "start-local-cluster: $*" >&2; }
-die() {
-	log "error: $*"
-	exit 1
-}
-
-# A daemon that exited can stay a zombie here (nothing reaps orphans), so `kill -0` is not enough:
-# read the /proc state.
-pid_running() {
-	local state
-	state=$(awk '/^State:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
-	[[ -n $state && $state != Z && $state != X ]]
-}
-
-# pid_alive PIDFILE COMM: the pid file names a running process called COMM (a stale pid file may
-# name a reused pid).
-pid_alive() {
-	local pid
-	[[ -s $1 ]] || return 1
-	pid=$(<"$1")
-	[[ $pid =~ ^[0-9]+$ ]] && pid_running "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
-}
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll every 0.1 s until COMMAND succeeds.
 wait_for() {
@@ -51,9 +30,10 @@ wait_for() {
 }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons)"
+check_settings
 
 install_packages() {
-	local missing guard=/usr/sbin/policy-rc.d added_guard=0 installed
+	local missing guard=/usr/sbin/policy-rc.d added_guard=0 installed ok=1 apt_log=$STATE/log/apt.log
 	installed=$(dpkg-query -W -f='${Package} ${Status}\n' "${PACKAGES[@]}" 2>/dev/null | awk '/ok installed/ {print $1}') || true
 	mapfile -t missing < <(printf '%s\n' "${PACKAGES[@]}" | grep -vxF -f <(echo "$installed"))
 	((${#missing[@]})) || return 0
@@ -65,33 +45,55 @@ install_packages() {
 		added_guard=1
 	fi
 	export DEBIAN_FRONTEND=noninteractive
-	if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >"/tmp/hpcx-slurm-apt.log" 2>&1; then
-		# Usually stale or absent package lists: refresh once and retry.
-		apt-get update -q >>"/tmp/hpcx-slurm-apt.log" 2>&1
-		apt-get install -y -q --no-install-recommends "${missing[@]}" >>"/tmp/hpcx-slurm-apt.log" 2>&1 ||
-			die "apt-get install failed, see /tmp/hpcx-slurm-apt.log"
+	if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >"$apt_log" 2>&1; then
+		# Usually stale or absent package lists (a fresh machine has none): refresh once and retry.
+		apt-get update -q >>"$apt_log" 2>&1 &&
+			apt-get install -y -q --no-install-recommends "${missing[@]}" >>"$apt_log" 2>&1 || ok=0
 	fi
 	((added_guard == 0)) || rm -f "$guard"
+	((ok)) || die "apt-get could not install ${missing[*]} (is the Debian archive reachable?), see $apt_log"
 }
 
+# The munge and mysql users (they exist once the packages are installed) must reach their dirs.
 make_dirs() {
-	install -d -m 0755 "$STATE" "$STATE/etc" "$STATE/log" "$STATE/run" "$STATE/slurmctld" "$STATE/slurmd"
+	install -d -m 0755 "$STATE/etc" "$STATE/run" "$STATE/slurmctld" "$STATE/slurmd"
 	install -d -o munge -g munge -m 0700 "$STATE/munge"
 	install -d -o mysql -g mysql -m 0750 "$STATE/run/mysqld"
+	runuser -u mysql -- test -w "$STATE/run/mysqld" ||
+		die "the mysql user cannot enter $STATE (a parent directory is closed to others?): choose another HPCX_SLURM_STATE"
 	install -d -o munge -g munge -m 0755 /run/munge
-	install -d -m 0755 "$CONF_DIR"
+	install -d -m 0755 "$CONF_DIR" "$(dirname "$GPU_PREFIX")"
 	# Fake GPUs: any character device works for gres (here /dev/null's numbers).
 	local i
 	for ((i = 0; i < NGPUS; i++)); do
-		[[ -c /dev/fakegpu$i ]] || mknod -m 0666 "/dev/fakegpu$i" c 1 3
+		[[ -c $GPU_PREFIX$i ]] || mknod -m 0666 "$GPU_PREFIX$i" c 1 3
 	done
 	# slurmctld and slurmd look themselves up by name.
-	getent hosts "$NODE" >/dev/null || echo "127.0.1.1 $NODE" >>/etc/hosts
+	getent hosts "$HOST" >/dev/null || echo "127.0.1.1 $HOST" >>/etc/hosts
+}
+
+port_taken() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Before anything starts: the port of every daemon that is not running yet must be free (a daemon
+# that cannot bind its port dies with no more than a line in its log).
+check_ports() {
+	local name pidfile port var
+	while read -r name pidfile port var; do
+		pid_alive "$pidfile" "$name" && continue
+		if port_taken "$port"; then
+			die "port $port for $name is in use (another program, or another cluster); choose a free one with $var=PORT"
+		fi
+	done <<EOF
+mariadbd $MARIADB_PID $DB_PORT HPCX_SLURM_DB_PORT
+slurmdbd $(slurm_pid slurmdbd) $DBD_PORT HPCX_SLURM_DBD_PORT
+slurmctld $(slurm_pid slurmctld) $CTLD_PORT HPCX_SLURM_CTLD_PORT
+slurmd $(slurm_pid slurmd) $SLURMD_PORT HPCX_SLURM_SLURMD_PORT
+EOF
 }
 
 write_configs() {
 	local mem_total real_mem pw_file=$STATE/etc/db-password
-	mem_total=$(free -m | awk '/^Mem:/ {print $2}')
+	mem_total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo) # free(1) is not on every image
 	real_mem=$((mem_total * 95 / 100))
 	if [[ ! -s $pw_file ]]; then
 		(umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$pw_file")
@@ -100,8 +102,10 @@ write_configs() {
 
 	cat >"$STATE/etc/slurm.conf" <<EOF
 $MARKER $STATE
-ClusterName=hpcx
-SlurmctldHost=$NODE
+ClusterName=$CLUSTER
+SlurmctldHost=$HOST
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -141,12 +145,13 @@ PreemptMode=REQUEUE
 # Accounting through slurmdbd: sacct is how submitit (and we) read final job states.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # The node advertises $NCPUS CPUs and $NGPUS fake GPUs whatever the machine has.
 SlurmdParameters=config_overrides
-NodeName=$NODE CPUs=$NCPUS RealMemory=$real_mem Gres=gpu:$NGPUS State=UNKNOWN
+NodeName=$NODE NodeHostname=$HOST CPUs=$NCPUS RealMemory=$real_mem Gres=gpu:$NGPUS State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1
 PartitionName=urgent Nodes=$NODE Default=NO MaxTime=INFINITE State=UP PriorityTier=10
 EOF
@@ -154,13 +159,14 @@ EOF
 	cat >"$STATE/etc/gres.conf" <<EOF
 $MARKER $STATE
 AutoDetect=off
-Name=gpu File=/dev/fakegpu[0-$((NGPUS - 1))]
+Name=gpu File=$GPU_PREFIX[0-$((NGPUS - 1))]
 EOF
 
 	cat >"$STATE/etc/slurmdbd.conf" <<EOF
 $MARKER $STATE
 AuthType=auth/munge
 DbdHost=localhost
+DbdPort=$DBD_PORT
 SlurmUser=root
 PidFile=$STATE/run/slurmdbd.pid
 LogFile=$STATE/log/slurmdbd.log
@@ -175,7 +181,7 @@ EOF
 	chmod 0600 "$STATE/etc/slurmdbd.conf"
 }
 
-# Copy a generated config to /etc/slurm when it differs (and add its name to CHANGED); refuse to
+# Copy a generated config to CONF_DIR when it differs (and add its name to CHANGED); refuse to
 # overwrite a file this script did not write (a real cluster's config).
 install_config() {
 	local name=$1 mode=$2 src=$STATE/etc/$1 dst=$CONF_DIR/$1
@@ -205,7 +211,7 @@ stop_daemon() {
 munge_works() { munge -n | unmunge; }
 
 start_munge() {
-	local pidfile=$STATE/munge/munged.pid
+	local pidfile=$MUNGED_PID
 	pid_alive "$pidfile" munged && return 0
 	if munge_works >/dev/null 2>&1; then
 		log "a munged not started by this script is already running; using it"
@@ -224,7 +230,7 @@ start_munge() {
 }
 
 start_mariadb() {
-	local pidfile=$STATE/run/mysqld/mariadbd.pid datadir=$STATE/mysql sock=$STATE/run/mysqld/mysqld.sock i
+	local pidfile=$MARIADB_PID datadir=$STATE/mysql sock=$STATE/run/mysqld/mysqld.sock i
 	pid_alive "$pidfile" mariadbd && return 0
 	# A datadir without the marker is a half-finished initialisation: redo it.
 	if [[ ! -e $STATE/mysql.initialized ]]; then
@@ -265,11 +271,14 @@ EOF
 	STARTED+=" mariadb"
 }
 
+# start_slurm_daemon NAME [ARGS...]
 start_slurm_daemon() {
-	local name=$1 pidfile=$STATE/run/$1.pid
+	local name=$1 pidfile
+	pidfile=$(slurm_pid "$1")
+	shift
 	pid_alive "$pidfile" "$name" && return 0
 	rm -f "$pidfile"
-	"/usr/sbin/$name" || die "$name failed to start, see $STATE/log/$name.log"
+	"/usr/sbin/$name" "$@" || die "$name failed to start, see $STATE/log/$name.log"
 	wait_for 30 "$name pid file" pid_alive "$pidfile" "$name"
 	STARTED+=" $name"
 }
@@ -278,23 +287,23 @@ node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null; }
 
 node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
 
-# /etc/slurm holds one cluster's config: refuse to repoint it while a cluster with another state dir
-# is still running.
+# CONF_DIR holds one cluster's config: refuse to repoint it while a cluster with another state dir
+# is still running. (A fresh machine has no slurm.conf yet: nothing else can be running.)
 check_other_cluster() {
 	local other
-	# A fresh machine has no slurm.conf yet: nothing else can be running.
-	[[ -f $CONF_DIR/slurm.conf ]] || return 0
-	other=$(sed -n "s|^$MARKER ||p" "$CONF_DIR/slurm.conf" 2>/dev/null | head -1)
+	other=$(conf_state_dir)
 	[[ -z $other || $other == "$STATE" ]] && return 0
 	if pid_alive "$other/run/slurmctld.pid" slurmctld || pid_alive "$other/run/slurmd.pid" slurmd; then
-		die "a local cluster with state dir $other is running; stop it first (HPCX_SLURM_STATE=$other slurm/stop-local-cluster.sh)"
+		die "a local cluster with state dir $other is running on $CONF_DIR; stop it first (HPCX_SLURM_STATE=$other slurm/stop-local-cluster.sh), or give this one another HPCX_SLURM_CONF_DIR"
 	fi
 }
 
 # --- main -------------------------------------------------------------------------------------
 check_other_cluster
+install -d -m 0755 "$STATE" "$STATE/log"
 install_packages
 make_dirs
+check_ports
 write_configs
 CHANGED=""
 STARTED=""
@@ -304,11 +313,11 @@ install_config slurmdbd.conf 0600
 
 # A changed config only takes effect after a restart (slurmd also complains of a mismatch).
 if [[ $CHANGED == *slurmdbd.conf* ]]; then
-	stop_daemon "$STATE/run/slurmdbd.pid" slurmdbd
+	stop_daemon "$(slurm_pid slurmdbd)" slurmdbd
 fi
 if [[ $CHANGED == *slurm.conf* || $CHANGED == *gres.conf* ]]; then
-	stop_daemon "$STATE/run/slurmd.pid" slurmd
-	stop_daemon "$STATE/run/slurmctld.pid" slurmctld
+	stop_daemon "$(slurm_pid slurmd)" slurmd
+	stop_daemon "$(slurm_pid slurmctld)" slurmctld
 fi
 
 start_munge
@@ -316,7 +325,7 @@ start_mariadb
 start_slurm_daemon slurmdbd
 wait_for 60 "slurmdbd to answer" sacctmgr -n -P show cluster
 start_slurm_daemon slurmctld
-start_slurm_daemon slurmd
+start_slurm_daemon slurmd -N "$NODE"
 
 # A node left down or drained by an earlier crash is put back into service.
 if [[ $(node_state) =~ (down|drain|fail) ]]; then
@@ -328,3 +337,6 @@ wait_for 30 "sacct to answer" sacct -n -X -S now
 elapsed_ms=$((($(date +%s%N) - START_NS) / 1000000))
 printf 'hpcx-slurm: up on %s (%s, %s CPUs, %s GPUs, partitions debug*,urgent) state=%s started:[%s] in %d.%03ds\n' \
 	"$NODE" "$(node_state)" "$NCPUS" "$NGPUS" "$STATE" "${STARTED# }" $((elapsed_ms / 1000)) $((elapsed_ms % 1000))
+if [[ $CONF_DIR != /etc/slurm ]]; then
+	echo "Slurm's commands read /etc/slurm/slurm.conf; for this cluster: export SLURM_CONF=$SLURM_CONF"
+fi

@@ -4,25 +4,17 @@
 # state dir (job records, accounting database) stay; remove $HPCX_SLURM_STATE for a fresh start.
 # Running jobs are left to their slurmstepd (as on a slurmd restart) unless --cancel-jobs is given.
 set -euo pipefail
+#
+# Needs: root, and the same HPCX_SLURM_* settings the cluster was started with (see
+# local-cluster-settings.sh). Where nothing was ever started (no state dir) it stops nothing.
 
-STATE=${HPCX_SLURM_STATE:-/var/lib/hpcx-slurm}
+SCRIPT_NAME=stop-local-cluster
+# shellcheck source=slurm/local-cluster-settings.sh
+source "$(dirname "$0")/local-cluster-settings.sh"
 START_NS=$(date +%s%N)
 
-log() { echo "stop-local-cluster: $*" >&2; }
-
-[[ $(id -u) -eq 0 ]] || {
-	log "error: must run as root"
-	exit 1
-}
-
-# A daemon that exited can stay a zombie here, so `kill -0` is not enough: read its /proc state
-# and check the command name too (a stale pid file may name a reused pid).
-pid_alive() {
-	local pid=$1 comm=$2 state
-	state=$(awk '/^State:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || return 1
-	[[ -n $state && $state != Z && $state != X ]] || return 1
-	[[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]]
-}
+[[ $(id -u) -eq 0 ]] || die "must run as root"
+check_settings
 
 case ${1:-} in
 "") CANCEL_JOBS=0 ;;
@@ -33,6 +25,10 @@ case ${1:-} in
 	;;
 esac
 
+# Cancel only this cluster's jobs: SLURM_CONF must be the config that names this state dir.
+if ((CANCEL_JOBS)) && [[ $(conf_state_dir) != "$STATE" ]]; then
+	die "$SLURM_CONF does not belong to the cluster in $STATE; not cancelling anything (set HPCX_SLURM_CONF_DIR as for the start)"
+fi
 # scancel needs slurmctld; wait for the jobs to end so that slurmd kills their processes first.
 if ((CANCEL_JOBS)) && squeue -h >/dev/null 2>&1; then
 	mapfile -t jobs < <(squeue -h -o %A | sort -u)
@@ -51,14 +47,14 @@ stop() {
 	local file=$1 comm=$2 pid i
 	[[ -s $file ]] || return 0
 	pid=$(<"$file")
-	if [[ $pid =~ ^[0-9]+$ ]] && pid_alive "$pid" "$comm"; then
+	if pid_alive "$file" "$comm"; then
 		kill -TERM "$pid" 2>/dev/null || true
 		# slurmctld saves its state on SIGTERM; give every daemon up to 15 s before SIGKILL.
 		for ((i = 0; i < 150; i++)); do
-			pid_alive "$pid" "$comm" || break
+			pid_alive "$file" "$comm" || break
 			sleep 0.1
 		done
-		if pid_alive "$pid" "$comm"; then
+		if pid_alive "$file" "$comm"; then
 			log "$comm ($pid) ignored SIGTERM; sending SIGKILL"
 			kill -KILL "$pid" 2>/dev/null || true
 		fi
@@ -68,11 +64,12 @@ stop() {
 	rm -f "$file"
 }
 
-stop "$STATE/run/slurmd.pid" slurmd
-stop "$STATE/run/slurmctld.pid" slurmctld
-stop "$STATE/run/slurmdbd.pid" slurmdbd
-stop "$STATE/run/mysqld/mariadbd.pid" mariadbd
-stop "$STATE/munge/munged.pid" munged
+stop "$(slurm_pid slurmd)" slurmd
+stop "$(slurm_pid slurmctld)" slurmctld
+stop "$(slurm_pid slurmdbd)" slurmdbd
+stop "$MARIADB_PID" mariadbd
+# A munged this cluster found running (another cluster's, or the machine's) has no pid file here.
+stop "$MUNGED_PID" munged
 
 elapsed_ms=$((($(date +%s%N) - START_NS) / 1000000))
 printf 'hpcx-slurm: stopped [%s] in %d.%03ds (state kept in %s)\n' "${STOPPED# }" \

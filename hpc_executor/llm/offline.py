@@ -182,7 +182,7 @@ class OfflineLLM(LLM):
 
     @staticmethod
     def _entry_diff(entry: dict[str, Any], step: Step, revising: bool) -> str:
-        diff = entry.get("revised_diff") if revising and entry.get("revised_diff") else entry["diff"]
+        diff: str = entry["revised_diff"] if revising and entry.get("revised_diff") else entry["diff"]
         for name, value in step.params:
             diff = diff.replace(f"<<{name}>>", value)
         return diff
@@ -206,7 +206,7 @@ class OfflineLLM(LLM):
 
 def tree_diff(before: Path, after: Path) -> str:
     """A unified diff between two trees with a/ and b/ paths relative to their roots."""
-    out = []
+    out: list[str] = []
     for path in sorted(p for p in after.rglob("*") if p.is_file()):
         rel = path.relative_to(after).as_posix()
         old = before / rel

@@ -49,7 +49,7 @@ class OpenAICompatibleLLM(OpenAILLM):
             **sampling(spec, {"reasoning_effort": spec.reasoning_effort}),
         }
         if spec.stream:
-            text, finish, usage = self._streamed(kwargs)
+            text, finish, usage = self._streamed_chat(kwargs)
         else:
             completion = self._client.chat.completions.create(**kwargs)
             choice = completion.choices[0]
@@ -65,7 +65,7 @@ class OpenAICompatibleLLM(OpenAILLM):
             truncated,
         )
 
-    def _streamed(self, kwargs: dict[str, Any]) -> tuple[str, str, CompletionUsage | None]:
+    def _streamed_chat(self, kwargs: dict[str, Any]) -> tuple[str, str, CompletionUsage | None]:
         """(text, finish_reason, usage); the usage comes in a last chunk without choices."""
         parts: list[str] = []
         finish: str | None = None

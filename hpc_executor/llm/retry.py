@@ -59,7 +59,8 @@ class SdkErrors:
     """The exception classes of one provider SDK (anthropic and openai have the same shape)."""
 
     api_error: type[Exception]  # base of everything the SDK raises for a request
-    status_error: type[Exception]  # an HTTP error status: has .status_code, .response, .body
+    # an HTTP error status: an Exception with .status_code, .response, .body (Any: the SDKs share no base)
+    status_error: type[Any]
     connection_error: type[Exception]  # no usable response (refused, reset, timed out)
     timeout_error: type[Exception]  # the subclass of connection_error for a timeout
 
