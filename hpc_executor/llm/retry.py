@@ -19,6 +19,7 @@ from hpc_executor.errors import PreflightError
 from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
 from hpc_executor.llm.credentials import api_key
 from hpc_executor.llm.limits import limiter_for
+from hpc_executor.llm.pricing import TokenCounts, cost_usd, uncached_cost_usd
 
 log = logging.getLogger("hpc_executor.llm")
 
@@ -49,9 +50,17 @@ class Completion:
     """What one successful attempt produced."""
 
     text: str
-    input_tokens: int
+    input_tokens: int  # all of them, the cache's included
     output_tokens: int  # thinking / reasoning included: they are billed as output
     truncated: bool = False
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return TokenCounts(
+            self.input_tokens, self.output_tokens, self.cache_write_tokens, self.cache_read_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -141,12 +150,16 @@ class RetryingLLM(LLM):
             )
         done = outcome.value
         assert done is not None  # no failure: the attempt returned
+        cost = cost_usd(self.spec, done.tokens)
         return LLMResponse(
             text=done.text,
             model=self.spec.model,
             input_tokens=done.input_tokens,
             output_tokens=done.output_tokens,
-            cost_usd=self._cost(done),
+            cache_write_tokens=done.cache_write_tokens,
+            cache_read_tokens=done.cache_read_tokens,
+            cost_usd=cost,
+            cache_saved_usd=uncached_cost_usd(self.spec, done.tokens) - cost,
             latency_s=latency,
             attempts=outcome.attempts,
             truncated=done.truncated,
@@ -206,12 +219,6 @@ class RetryingLLM(LLM):
         if retry_after_s is not None:
             return retry_after_s
         return min(self.spec.backoff_s * 2**retry, self.spec.backoff_max_s) * self._rng.uniform(0.5, 1.0)
-
-    def _cost(self, done: Completion) -> float:
-        spec = self.spec
-        return (
-            done.input_tokens * spec.price_in_per_mtok + done.output_tokens * spec.price_out_per_mtok
-        ) / 1e6
 
     def _classify(self, exc: Exception) -> Failure:
         errors = self.sdk_errors
