@@ -147,7 +147,7 @@ class Implementer:
             reserved_note=RESERVED_NOTE.format(files=", ".join(hidden)) if hidden else "",
         )
         self._cache_key = prompts.cache_key(env.name, "implementer", self._prefix)
-        self._warmup = CacheWarmup(enabled=llm.spec.prompt_cache)
+        self._warmup = CacheWarmup(enabled=llm.spec.prompt_cache and llm.spec.provider != "offline")
 
     def implement(self, idea: Idea) -> tuple[Patch | None, list[Call]]:
         ((_, patch, calls),) = self.implement_all([idea])
