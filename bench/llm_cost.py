@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault(KEY_ENV, "sk-bench-dummy")
     env = Environment(OmegaConf.to_container(OmegaConf.load(REPO / "conf/env/nanogpt.yaml").env))
     catalog = yaml.safe_load(env.catalog_path().read_text())  # type: ignore[union-attr]
-    ideas = [Idea(f"e0-{n:03d}", 0, e["title"], e["description"])
-             for n, e in zip(range(args.ideas), catalog * (args.ideas // len(catalog) + 1))]  # fmt: skip
+    ideas = [Idea(f"e0-{n:03d}", 0, catalog[n % len(catalog)]["title"], catalog[n % len(catalog)]["description"])
+             for n in range(args.ideas)]  # fmt: skip
     text = answer(catalog)
     rows = {
         name: run(env, ideas, args, cache, text) for name, cache in (("uncached", False), ("cached", True))
