@@ -258,3 +258,18 @@ def test_a_loopback_search_reads_the_codebase_from_the_cache_and_shows_it(tmp_pa
     table = proc.stdout[proc.stdout.index("LLM usage") :]
     assert "cache read" in table and "saved by cache" in table
     print(table)
+
+
+def test_the_ideators_purposes_share_one_cache_entry_though_their_thinking_budgets_differ() -> None:
+    """Anthropic invalidates breakpoints in the messages when the thinking settings change (3000 for ideate,
+    1500 for exploit and explore), not those in the system prompt, where the prefix goes."""
+    with FakeLLMServer(prompt_cache=True) as server:
+        llm = make_llm(LLMSpec("anthropic", "claude-sonnet-4-5", base_url=server.url, api_key_env=KEY_ENV))
+        ideator = Ideator(llm, nanogpt(), thinking_budget=3000, thinking_budget_search=1500)
+        first, *others = (
+            ideator.propose(p, 10, [], seed=0).response for p in ("ideate", "exploit", "explore")
+        )
+        budgets = [r.body["thinking"]["budget_tokens"] for r in server.requests]
+    assert budgets == [3000, 1500, 1500]
+    assert first.cache_write_tokens > 1024 and first.cache_read_tokens == 0
+    assert [r.cache_read_tokens for r in others] == [first.cache_write_tokens] * 2
