@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_search
 from fakes.llm_server import FakeLLMServer, Reply
+from fakes.prompt_cache import PromptCache
 from omegaconf import OmegaConf
 
 from hpc_executor import ledger as ledger_module
@@ -273,3 +274,13 @@ def test_the_ideators_purposes_share_one_cache_entry_though_their_thinking_budge
     assert budgets == [3000, 1500, 1500]
     assert first.cache_write_tokens > 1024 and first.cache_read_tokens == 0
     assert [r.cache_read_tokens for r in others] == [first.cache_write_tokens] * 2
+
+
+def test_the_emulated_cache_forgets_an_entry_five_minutes_after_its_last_use() -> None:
+    now = [0.0]
+    cache = PromptCache(clock=lambda: now[0])
+    body = {"model": "gpt-5", "input": "x" * 8000, "prompt_cache_key": "k"}
+    cache.commit(cache.usage("/v1/responses", body))  # a write: 2000 tokens, cached up to 1920
+    assert cache.usage("/v1/responses", {**body, "prompt_cache_key": "other"}).cache_read == 0  # routed apart
+    for now[0], read in ((299.0, 1920), (598.0, 1920), (899.0, 0)):  # each hit keeps it 300 s longer
+        assert cache.usage("/v1/responses", body).cache_read == read

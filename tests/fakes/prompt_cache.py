@@ -117,11 +117,7 @@ class PromptCache:
         total = tokens(text)
         route = f"{body.get('model', '')}|{body.get('prompt_cache_key') or ''}"
         keys = list(_prefix_keys(route, text))
-        read = 0
-        for n, key in reversed(keys):
-            if self._hit(key):
-                read = n
-                break
+        read = next((n for n, key in reversed(keys) if self._hit(key)), 0)
         return Usage(total, 0, read, [key for n, key in keys if n > read])
 
 
