@@ -14,10 +14,8 @@ check their answers (git apply on a scratch copy) while others wait for the mode
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -83,44 +81,6 @@ class _IdeaState:
             return sample < self._applied
 
 
-class CacheWarmup:
-    """While the prompt cache is cold, one call goes first and the others wait until it has returned.
-
-    A provider's cache entry exists only once the answer that wrote it has begun, so calls sent together
-    to a cold cache would each write the whole codebase (1.25x the input price at Anthropic) instead of
-    reading it (0.1x). The cache stays warm ``ttl_s`` after the last call (the providers' 5 minutes), so
-    only a batch that starts later than that waits, for one call."""
-
-    def __init__(self, enabled: bool, ttl_s: float = 300.0) -> None:
-        self.enabled = enabled
-        self.ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._warm = threading.Event()
-        self._leader = False  # a call that found the cache cold is in flight
-        self._last_end = -math.inf
-
-    def start_batch(self) -> None:
-        with self._lock:
-            if not self.enabled or time.monotonic() - self._last_end < self.ttl_s:
-                self._warm.set()
-            elif not self._leader:
-                self._warm.clear()
-
-    def __enter__(self) -> CacheWarmup:
-        with self._lock:
-            lead = not self._warm.is_set() and not self._leader
-            self._leader = self._leader or lead
-        if not lead:
-            self._warm.wait()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._last_end = time.monotonic()
-            self._leader = False
-            self._warm.set()
-
-
 class Implementer:
     def __init__(
         self,
@@ -147,7 +107,6 @@ class Implementer:
             reserved_note=RESERVED_NOTE.format(files=", ".join(hidden)) if hidden else "",
         )
         self._cache_key = prompts.cache_key(env.name, "implementer", self._prefix)
-        self._warmup = CacheWarmup(enabled=llm.spec.prompt_cache and llm.spec.provider != "offline")
 
     def implement(self, idea: Idea) -> tuple[Patch | None, list[Call]]:
         ((_, patch, calls),) = self.implement_all([idea])
@@ -158,7 +117,6 @@ class Implementer:
         when the budget ran out before any call for the idea: it stays unimplemented, to be picked up
         when the run resumes with a larger budget."""
         states = [_IdeaState(idea, self.samples) for idea in ideas]
-        self._warmup.start_batch()
         pool = ThreadPoolExecutor(max_workers=self.chains_at_once, thread_name_prefix="implement")
         try:
             futures: dict[Future[Attempt], tuple[_IdeaState, int]] = {
@@ -226,8 +184,7 @@ class Implementer:
                     "baseline_dir": str(self.env.baseline_dir),
                 },
             )
-            with self._warmup:
-                response = self.llm.complete(request)
+            response = self.llm.complete(request)
             self.meter.add(response.cost_usd)
             call = Call(f"{idea.idea_id}-s{sample}-r{revision}", request, response)
             attempt.calls.append(call)

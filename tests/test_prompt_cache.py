@@ -17,10 +17,11 @@ from omegaconf import OmegaConf
 from hpc_executor import ledger as ledger_module
 from hpc_executor.environment import Environment
 from hpc_executor.ideator import Ideator
-from hpc_executor.implementer import CacheWarmup, Implementer
+from hpc_executor.implementer import Implementer
 from hpc_executor.ledger import Ledger
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse, LLMSpec, make_llm
 from hpc_executor.llm.pricing import TokenCounts, cache_prices, cost_usd
+from hpc_executor.llm.warmup import CacheWarmup
 from hpc_executor.types import Idea
 
 KEY_ENV = "HPCX_TEST_CACHE_KEY"
@@ -180,7 +181,7 @@ def test_every_call_after_the_first_reads_the_codebase_from_the_cache(
 ) -> None:
     """Through the real SDKs against the emulated caches: one write of the prefix, then only reads. A per-call
     value (the idea, the sample, a time) in the prefix would make every call miss."""
-    with FakeLLMServer(prompt_cache=True, default=Reply(text=STALE)) as server:
+    with FakeLLMServer(latency_s=0.05, prompt_cache=True, default=Reply(text=STALE)) as server:
         llm = make_llm(LLMSpec(provider, model, base_url=server.url + path, api_key_env=KEY_ENV, max_concurrency=8,
                                thinking_budget=2000 if provider == "anthropic" else 0, **OPUS))  # fmt: skip
         implementer = Implementer(llm, nanogpt(), samples=4, revisions=1, thinking_budget=2000)
@@ -207,18 +208,19 @@ def test_a_prefix_that_differs_between_calls_gets_no_hits() -> None:
 
 
 def test_a_cold_cache_lets_one_call_go_first_and_a_warm_one_lets_all_go() -> None:
-    warmup, order = CacheWarmup(enabled=True, ttl_s=60), []
+    warmup, order = CacheWarmup(ttl_s=60), []
 
-    def call(name: str, seconds: float) -> None:
-        with warmup:
+    def call(name: str, key: str, seconds: float) -> None:
+        with warmup.call(key):
             order.append(f"{name} start")
             time.sleep(seconds)
             order.append(f"{name} end")
 
-    def batch() -> list[str]:
+    def together(key: str) -> list[str]:
         order.clear()
-        warmup.start_batch()
-        threads = [threading.Thread(target=call, args=(f"c{n}", 0.2 if n == 0 else 0.0)) for n in range(3)]
+        threads = [
+            threading.Thread(target=call, args=(f"c{n}", key, 0.2 if n == 0 else 0.0)) for n in range(3)
+        ]
         for t in threads:
             t.start()
             time.sleep(0.02)  # c0 is first in
@@ -226,8 +228,10 @@ def test_a_cold_cache_lets_one_call_go_first_and_a_warm_one_lets_all_go() -> Non
             t.join()
         return order[:2]
 
-    assert batch() == ["c0 start", "c0 end"]  # cold: the others waited for the first to return
-    assert batch() == ["c0 start", "c1 start"]  # warm (within the ttl): nobody waits
+    assert together("codebase") == ["c0 start", "c0 end"]  # cold: the others waited for the first to return
+    assert together("codebase") == ["c0 start", "c1 start"]  # warm (within the ttl): nobody waits
+    assert together("") == ["c0 start", "c1 start"]  # no shared prefix: nothing to wait for
+    assert together("another prefix") == ["c0 start", "c0 end"]  # each key warms up on its own
 
 
 def test_a_loopback_search_reads_the_codebase_from_the_cache_and_shows_it(tmp_path: Path) -> None:

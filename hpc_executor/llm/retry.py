@@ -20,6 +20,7 @@ from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
 from hpc_executor.llm.credentials import api_key
 from hpc_executor.llm.limits import limiter_for
 from hpc_executor.llm.pricing import TokenCounts, cost_usd, uncached_cost_usd
+from hpc_executor.llm.warmup import CacheWarmup
 
 log = logging.getLogger("hpc_executor.llm")
 
@@ -118,6 +119,7 @@ class RetryingLLM(LLM):
         key, self.key_env = api_key(spec)
         self._client = self._make_client(key)
         self._limiter = limiter_for(spec)
+        self._warmup = CacheWarmup()
         self._sleep = sleep  # injectable so tests own the clock
         self._rng = rng or random.Random()  # injectable so tests can fix the jitter
         errors = self.sdk_errors
@@ -137,9 +139,10 @@ class RetryingLLM(LLM):
         """One look-up of the spec's model; SDK errors propagate, an unknown model raises PreflightError."""
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        start = time.monotonic()
-        outcome = self._call(lambda: self._attempt(request))
-        latency = time.monotonic() - start
+        with self._warmup.call(request.cache_key if self.spec.prompt_cache else ""):
+            start = time.monotonic()
+            outcome = self._call(lambda: self._attempt(request))
+            latency = time.monotonic() - start
         if outcome.failure is not None:
             return LLMResponse(
                 text="",
