@@ -31,5 +31,6 @@ def codebase(root: Path, files: list[str], *, numbered: bool) -> str:
 
 def cache_key(env_name: str, role: str, prefix: str) -> str:
     """A stable name for one role's shared prefix in one environment (OpenAI's ``prompt_cache_key``): the
-    same across calls, samples, epochs and resumed runs; a new one when the codebase or a template changes."""
-    return f"hpcx-{env_name}-{role}-{hashlib.sha256(prefix.encode()).hexdigest()[:16]}"
+    same across calls, samples, epochs and resumed runs; a new one when the codebase or a template changes.
+    Short (at most 58 characters) whatever the environment's name: it is an identifier, not a label."""
+    return f"hpcx-{env_name[:24]}-{role}-{hashlib.sha256(prefix.encode()).hexdigest()[:16]}"
