@@ -42,4 +42,6 @@ class CostMeter:
 
 def usd(amount: float) -> str:
     """Dollars to the cent, with more digits below a dollar so that test runs and small budgets show."""
+    if amount < 0:  # a saving can be negative: cache writes that nothing read
+        return "-" + usd(-amount)
     return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"

@@ -27,27 +27,29 @@ class Ideator:
         self.env = env
         self.budgets = {"ideate": thinking_budget, "exploit": thinking_budget_search,
                         "explore": thinking_budget_search}  # fmt: skip
-        self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=False)
+        r = env.cfg.reward
+        # Everything that is the same for every call of the run comes first, for the provider's prompt cache.
+        self._prefix = prompts.render(
+            "environment",
+            env_name=env.name,
+            env_description=env.cfg.description or "(no description)",
+            budget_s=env.cfg.budget_s,
+            reward_desc=f"{r.transform}({r.metric})",
+            baseline_reward=f"{r.baseline:.4g}",
+            codebase=prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=False),
+        )
+        self._cache_key = prompts.cache_key(env.name, "ideator", self._prefix)
 
     def propose(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: str) -> Proposal:
         """Ask for ``n`` ideas. ``purpose``: ideate (epoch 0 / best-of-N), exploit or explore.
         ``shown``: earlier ideas as dicts with title, description, status, reward."""
-        r = self.env.cfg.reward
-        prompt = prompts.render(
-            purpose,
-            env_name=self.env.name,
-            env_description=self.env.cfg.description or "(no description)",
-            budget_s=self.env.cfg.budget_s,
-            reward_desc=f"{r.transform}({r.metric})",
-            baseline_reward=f"{r.baseline:.4g}",
-            codebase=self._codebase,
-            shown=format_shown(purpose, shown),
-            n=n,
-        )
+        prompt = prompts.render(purpose, shown=format_shown(purpose, shown), n=n)
         request = LLMRequest(
             prompt=prompt,
             purpose=purpose,
             system=prompts.render("ideator_system"),
+            prefix=self._prefix,
+            cache_key=self._cache_key,
             thinking_budget=self.budgets[purpose],
             context={"n": n, "shown": shown, "seed": seed, "catalog": str(self.env.catalog_path() or "")},
         )

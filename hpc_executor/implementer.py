@@ -99,8 +99,14 @@ class Implementer:
         self.chains_at_once = CHAINS_PER_REQUEST * max(1, llm.spec.max_concurrency)
         self.meter = meter or CostMeter(None)
         hidden = [f for f in env.baseline_files() if f not in env.implementer_files()]
-        self._codebase = prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=True)
-        self._reserved = RESERVED_NOTE.format(files=", ".join(hidden)) if hidden else ""
+        # The codebase and the answer format, the same for every sample, revision and idea, go first: the
+        # provider's prompt cache serves them; the idea and any error follow.
+        self._prefix = prompts.render(
+            "implement_codebase",
+            codebase=prompts.codebase(env.baseline_dir, env.implementer_files(), numbered=True),
+            reserved_note=RESERVED_NOTE.format(files=", ".join(hidden)) if hidden else "",
+        )
+        self._cache_key = prompts.cache_key(env.name, "implementer", self._prefix)
 
     def implement(self, idea: Idea) -> tuple[Patch | None, list[Call]]:
         ((_, patch, calls),) = self.implement_all([idea])
@@ -154,13 +160,7 @@ class Implementer:
 
     def _revise_until_applied(self, state: _IdeaState, sample: int) -> Attempt:
         idea, attempt = state.idea, Attempt()
-        base_prompt = prompts.render(
-            "implement",
-            idea_title=idea.title,
-            idea_description=idea.description,
-            codebase=self._codebase,
-            reserved_note=self._reserved,
-        )
+        base_prompt = prompts.render("implement", idea_title=idea.title, idea_description=idea.description)
         prompt, purpose = base_prompt, "implement"
         for revision in range(self.revisions + 1):
             if not state.can_win(sample):
@@ -172,6 +172,8 @@ class Implementer:
                 prompt=prompt,
                 purpose=purpose,
                 system=prompts.render("implementer_system"),
+                prefix=self._prefix,
+                cache_key=self._cache_key,
                 thinking_budget=self.thinking_budget,
                 context={
                     "idea": idea.__dict__,

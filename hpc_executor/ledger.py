@@ -57,7 +57,14 @@ CREATE TABLE IF NOT EXISTS results (
 """
 
 # (table, column, type) added after the first release; a column never changes meaning once added
-_ADDED_COLUMNS = [("llm_calls", "outcome", "TEXT")]
+_ADDED_COLUMNS = [
+    ("llm_calls", "outcome", "TEXT"),
+    # input tokens the provider's prompt cache wrote and served (both also counted in input_tokens), and
+    # what the call would have cost uncached minus cost_usd
+    ("llm_calls", "cache_write_tokens", "INTEGER"),
+    ("llm_calls", "cache_read_tokens", "INTEGER"),
+    ("llm_calls", "cache_saved_usd", "REAL"),
+]
 
 
 class Ledger:
@@ -270,6 +277,9 @@ class Ledger:
         rows = self.db.execute(
             "SELECT role, purpose, provider || ':' || model AS model, count(*) AS calls, count(error) AS failed,"
             " coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,"
+            " coalesce(sum(cache_write_tokens), 0) AS cache_write_tokens,"
+            " coalesce(sum(cache_read_tokens), 0) AS cache_read_tokens,"
+            " coalesce(sum(cache_saved_usd), 0.0) AS cache_saved_usd,"
             " coalesce(sum(cost_usd), 0.0) AS cost_usd FROM llm_calls GROUP BY role, purpose, provider, model"
             " ORDER BY role, min(created_at)"
         )

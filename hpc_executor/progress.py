@@ -14,6 +14,10 @@ from hpc_executor.budget import CostMeter, usd
 
 log = logging.getLogger("hpc_executor.search")
 OFFLINE_NOTE = "offline stand-in (not an LLM; tokens are chars/4)"
+USAGE_COLUMNS = ("role", "purpose", "model", "calls", "failed", "tokens in", "cache write", "cache read",
+                 "tokens out", "cost", "saved by cache")  # fmt: skip
+USAGE_TOTALS = ("calls", "failed", "input_tokens", "cache_write_tokens", "cache_read_tokens", "output_tokens",
+                "cost_usd", "cache_saved_usd")  # fmt: skip
 
 
 class Progress:
@@ -67,11 +71,12 @@ class Progress:
         return table
 
     def usage_table(self, usage: list[dict[str, Any]], meter: CostMeter) -> Table:
-        """LLM calls, tokens and dollars per role, purpose and model (tokens include thinking)."""
+        """LLM calls, tokens and dollars per role, purpose and model (tokens out include thinking; tokens in
+        include what the prompt cache wrote and served, whose share of them "cache read" shows)."""
         table = Table(title="LLM usage", caption=meter.describe())
-        for col in ("role", "purpose", "model", "calls", "failed", "tokens in", "tokens out", "cost"):
+        for col in USAGE_COLUMNS:
             table.add_column(col, justify="left" if col in ("role", "purpose", "model") else "right")
-        totals = dict.fromkeys(("calls", "failed", "input_tokens", "output_tokens", "cost_usd"), 0)
+        totals = dict.fromkeys(USAGE_TOTALS, 0)
         for row in usage:
             for key in totals:
                 totals[key] += row[key]
@@ -84,8 +89,11 @@ class Progress:
 
 
 def _usage_cells(row: dict[str, Any]) -> list[str]:
-    return [str(row["calls"]), str(row["failed"]), f"{row['input_tokens']:,}", f"{row['output_tokens']:,}",
-            usd(row["cost_usd"])]  # fmt: skip
+    tokens_in, read = row["input_tokens"], row["cache_read_tokens"]
+    share = f" ({read / tokens_in:.0%})" if tokens_in else ""
+    return [str(row["calls"]), str(row["failed"]), f"{tokens_in:,}", f"{row['cache_write_tokens']:,}",
+            f"{read:,}{share}", f"{row['output_tokens']:,}", usd(row["cost_usd"]),
+            usd(row["cache_saved_usd"])]  # fmt: skip
 
 
 def _short(path: Path) -> str:

@@ -3,6 +3,7 @@ be read and edited without touching code; a user may point ``prompts_dir`` at a 
 
 from __future__ import annotations
 
+import hashlib
 import string
 from pathlib import Path
 
@@ -26,3 +27,10 @@ def codebase(root: Path, files: list[str], *, numbered: bool) -> str:
             text = "\n".join(f"{i:5d} {line}" for i, line in enumerate(text.splitlines(), 1))
         parts.append(f"### {rel}\n```\n{text}\n```")
     return "\n\n".join(parts)
+
+
+def cache_key(env_name: str, role: str, prefix: str) -> str:
+    """A stable name for one role's shared prefix in one environment (OpenAI's ``prompt_cache_key``): the
+    same across calls, samples, epochs and resumed runs; a new one when the codebase or a template changes.
+    Short (at most 58 characters) whatever the environment's name: it is an identifier, not a label."""
+    return f"hpcx-{env_name[:24]}-{role}-{hashlib.sha256(prefix.encode()).hexdigest()[:16]}"

@@ -495,8 +495,9 @@ class Search:
         self.ledger.add_llm_call(
             call.call_id, role=role, purpose=q.purpose, provider=llm.spec.provider, model=r.model or llm.spec.model,
             epoch=epoch, input_tokens=r.input_tokens, output_tokens=r.output_tokens, cost_usd=r.cost_usd,
-            latency_s=r.latency_s, attempts=r.attempts, error=r.error, prompt=q.prompt, response=r.text,
-            outcome=call.outcome,
+            latency_s=r.latency_s, attempts=r.attempts, error=r.error, prompt=q.user_text, response=r.text,
+            outcome=call.outcome, cache_write_tokens=r.cache_write_tokens, cache_read_tokens=r.cache_read_tokens,
+            cache_saved_usd=r.cache_saved_usd,
         )  # fmt: skip
         if r.error:
             log.warning("%s call %s failed after %d attempts: %s", role, call.call_id, r.attempts, r.error)

@@ -112,7 +112,8 @@ def test_llm_usage_sums_tokens_and_dollars_per_role_and_purpose(tmp_path: Path) 
     assert list(usage) == [("ideator", "ideate"), ("implementer", "implement"), ("implementer", "revise")]
     assert usage["implementer", "implement"] == {"role": "implementer", "purpose": "implement", "model": None, "calls": 2,
                                                  "failed": 1, "input_tokens": 1000, "output_tokens": 200,
-                                                 "cost_usd": 1.0}  # fmt: skip
+                                                 "cache_write_tokens": 0, "cache_read_tokens": 0,
+                                                 "cache_saved_usd": 0.0, "cost_usd": 1.0}  # fmt: skip
     assert ledger.spent_usd() == pytest.approx(1.75)
 
 

@@ -14,6 +14,7 @@ from hpc_executor.llm.base import LLMRequest, LLMSpec
 from hpc_executor.llm.retry import Completion, RetryingLLM, SdkErrors, StreamFailed, log
 
 MIN_THINKING_BUDGET = 1024  # the API's floor for budget_tokens
+CACHE_BREAKPOINT = {"type": "ephemeral"}  # the 5-minute cache, refreshed by every hit
 
 
 class AnthropicLLM(RetryingLLM):
@@ -53,8 +54,9 @@ class AnthropicLLM(RetryingLLM):
             "max_tokens": spec.max_tokens,
             "messages": [{"role": "user", "content": request.prompt}],
         }
-        if request.system:
-            kwargs["system"] = request.system
+        system = system_blocks(request, cache=spec.prompt_cache)
+        if system:
+            kwargs["system"] = system
         if budget > 0:
             # Thinking requires the default temperature (1), so none is sent.
             kwargs["thinking"] = {"type": "enabled", "budget_tokens": budget}
@@ -75,7 +77,32 @@ class AnthropicLLM(RetryingLLM):
         if truncated:
             log.warning("%s: answer cut off at max_tokens=%d", self.label, spec.max_tokens)
         text = "".join(block.text for block in message.content if block.type == "text")
-        return Completion(text, int(message.usage.input_tokens), int(message.usage.output_tokens), truncated)
+        usage = message.usage
+        # The API counts input apart from what the cache wrote and read; a Completion counts all of it.
+        written, read = int(usage.cache_creation_input_tokens or 0), int(usage.cache_read_input_tokens or 0)
+        return Completion(
+            text,
+            int(usage.input_tokens) + written + read,
+            int(usage.output_tokens),
+            truncated,
+            cache_write_tokens=written,
+            cache_read_tokens=read,
+        )
 
     def _find_model(self) -> None:
         self._client.models.retrieve(self.spec.model)  # 404 for a name (or alias) the API does not know
+
+
+def system_blocks(request: LLMRequest, *, cache: bool) -> str | list[dict[str, Any]]:
+    """The system prompt, then the shared prefix as a block of its own ending in a cache breakpoint.
+
+    The prefix goes into the system prompt rather than the user message because a change of thinking
+    settings invalidates cache breakpoints in messages but not in the system prompt, and the ideator's
+    thinking budget differs between its purposes. One breakpoint is used (the API allows four); a prefix
+    shorter than the model's minimum cacheable length (1024 to 4096 tokens) is simply not cached."""
+    if not request.prefix:
+        return request.system
+    prefix: dict[str, Any] = {"type": "text", "text": request.prefix}
+    if cache:
+        prefix["cache_control"] = CACHE_BREAKPOINT
+    return [*([{"type": "text", "text": request.system}] if request.system else []), prefix]

@@ -23,6 +23,12 @@ class LLMSpec:
     backoff_max_s: float = 60.0
     price_in_per_mtok: float = 0.0  # USD per million input tokens
     price_out_per_mtok: float = 0.0  # USD per million output tokens (thinking included)
+    # USD per million input tokens written to / read from the provider's prompt cache; None: the provider's
+    # published multiple of price_in_per_mtok (see llm/pricing.py)
+    price_cache_write_per_mtok: float | None = None
+    price_cache_read_per_mtok: float | None = None
+    # mark the prompt's shared prefix for the provider's cache: Anthropic cache_control, OpenAI prompt_cache_key
+    prompt_cache: bool = True
     # for gateways, local servers (required by openai_compatible) and the tests' fake
     base_url: str | None = None
     # the env var that holds the key; default per provider (openai_compatible: none)
@@ -36,22 +42,35 @@ class LLMSpec:
 @dataclass
 class LLMRequest:
     """One call. ``purpose`` and ``context`` let the offline stand-in answer without parsing prose;
-    real providers send only ``system`` and ``prompt``."""
+    real providers send only ``system``, ``prefix`` and ``prompt``, in that order.
+
+    ``prefix`` is the part shared by many calls (the codebase), byte-identical between them so that the
+    provider's prompt cache can serve it; ``prompt`` is this call's own part (the idea, the error)."""
 
     prompt: str
     purpose: str  # "ideate", "exploit", "explore", "implement", "revise"
     system: str = ""
+    prefix: str = ""
+    cache_key: str = ""  # names the prefix (environment + role): OpenAI routes calls with one key together
     thinking_budget: int | None = None  # overrides LLMSpec.thinking_budget for this call
     context: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_text(self) -> str:
+        """The prefix and the prompt as one text: what a provider without cache blocks sends, and the ledger."""
+        return f"{self.prefix}\n\n{self.prompt}" if self.prefix else self.prompt
 
 
 @dataclass
 class LLMResponse:
     text: str
     model: str
-    input_tokens: int = 0
+    input_tokens: int = 0  # every input token, those the cache wrote or served included
     output_tokens: int = 0
-    cost_usd: float = 0.0
+    cache_write_tokens: int = 0  # input tokens written to the prompt cache (billed above the input price)
+    cache_read_tokens: int = 0  # input tokens served by the prompt cache (billed far below it)
+    cost_usd: float = 0.0  # what the call cost, each kind of token at its own price
+    cache_saved_usd: float = 0.0  # what the same tokens would have cost uncached, minus cost_usd
     latency_s: float = 0.0
     attempts: int = 1  # 1 + retries
     error: str | None = None  # set when every attempt failed; text is then ""

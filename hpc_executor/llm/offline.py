@@ -79,7 +79,7 @@ class OfflineLLM(LLM):
             text = self._ideas(request, catalog)
         else:
             text = self._diff(request, catalog)
-        return LLMResponse(text=text, model=LABEL, input_tokens=len(request.prompt) // 4,
+        return LLMResponse(text=text, model=LABEL, input_tokens=len(request.user_text) // 4,
                            output_tokens=len(text) // 4)  # fmt: skip
 
     # -- ideas ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from openai.types import CompletionUsage
 
 from hpc_executor.errors import ConfigError, PreflightError
 from hpc_executor.llm.base import LLMRequest, LLMSpec
-from hpc_executor.llm.openai_provider import OpenAILLM, sampling
+from hpc_executor.llm.openai_provider import OpenAILLM, cache_routing, sampling
 from hpc_executor.llm.retry import Completion, StreamFailed, log
 
 # A leading reasoning block, as Qwen3 and its kin write it when the server runs no reasoning parser;
@@ -44,9 +44,10 @@ class OpenAICompatibleLLM(OpenAILLM):
         system = [{"role": "system", "content": request.system}] if request.system else []
         kwargs: dict[str, Any] = {
             "model": spec.model,
-            "messages": [*system, {"role": "user", "content": request.prompt}],
+            "messages": [*system, {"role": "user", "content": request.user_text}],
             "max_tokens": spec.max_tokens,
             **sampling(spec, {"reasoning_effort": spec.reasoning_effort}),
+            **cache_routing(spec, request),
         }
         if spec.stream:
             text, finish, usage = self._streamed_chat(kwargs)
@@ -58,11 +59,15 @@ class OpenAICompatibleLLM(OpenAILLM):
         if truncated:
             log.warning("%s: answer cut off at max_tokens=%d", self.label, spec.max_tokens)
         # The <think> block's tokens stay counted: completion_tokens includes them, and they took GPU time.
+        details = (
+            usage.prompt_tokens_details if usage else None
+        )  # vLLM: only with --enable-prompt-tokens-details
         return Completion(
             strip_think(text),
             int(usage.prompt_tokens) if usage else 0,
             int(usage.completion_tokens) if usage else 0,
             truncated,
+            cache_read_tokens=int(details.cached_tokens or 0) if details else 0,
         )
 
     def _streamed_chat(self, kwargs: dict[str, Any]) -> tuple[str, str, CompletionUsage | None]:

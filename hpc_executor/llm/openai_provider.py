@@ -20,6 +20,12 @@ def sampling(spec: LLMSpec, reasoning: dict[str, Any]) -> dict[str, Any]:
     return {"temperature": spec.temperature} if spec.temperature != 1.0 else {}
 
 
+def cache_routing(spec: LLMSpec, request: LLMRequest) -> dict[str, Any]:
+    """``prompt_cache_key``: OpenAI caches long prompt prefixes by itself, and routes calls with the same key
+    to the same machines, so calls sharing the codebase find it there. No key when caching is off."""
+    return {"prompt_cache_key": request.cache_key} if spec.prompt_cache and request.cache_key else {}
+
+
 class OpenAILLM(RetryingLLM):
     sdk_errors = SdkErrors(
         api_error=openai.APIError,
@@ -38,9 +44,10 @@ class OpenAILLM(RetryingLLM):
         spec = self.spec
         kwargs: dict[str, Any] = {
             "model": spec.model,
-            "input": request.prompt,
+            "input": request.user_text,
             "max_output_tokens": spec.max_tokens,
             **sampling(spec, {"reasoning": {"effort": spec.reasoning_effort}}),
+            **cache_routing(spec, request),
         }
         if request.system:
             kwargs["instructions"] = request.system
@@ -52,11 +59,15 @@ class OpenAILLM(RetryingLLM):
                 "%s: answer incomplete (%s), max_output_tokens=%d", self.label, reason, spec.max_tokens
             )
         usage = response.usage
+        details = usage.input_tokens_details if usage else None
         return Completion(
             response.output_text,
             int(usage.input_tokens) if usage else 0,
             int(usage.output_tokens) if usage else 0,
             truncated,
+            # Writes are reported (and billed above plain input) from gpt-5.6 on; older models and servers omit them.
+            cache_write_tokens=int(getattr(details, "cache_write_tokens", None) or 0),
+            cache_read_tokens=int(getattr(details, "cached_tokens", None) or 0),
         )
 
     def _streamed(self, kwargs: dict[str, Any]) -> Response:

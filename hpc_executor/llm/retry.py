@@ -19,6 +19,8 @@ from hpc_executor.errors import PreflightError
 from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
 from hpc_executor.llm.credentials import api_key
 from hpc_executor.llm.limits import limiter_for
+from hpc_executor.llm.pricing import TokenCounts, cost_usd, uncached_cost_usd
+from hpc_executor.llm.warmup import CacheWarmup
 
 log = logging.getLogger("hpc_executor.llm")
 
@@ -49,9 +51,17 @@ class Completion:
     """What one successful attempt produced."""
 
     text: str
-    input_tokens: int
+    input_tokens: int  # all of them, the cache's included
     output_tokens: int  # thinking / reasoning included: they are billed as output
     truncated: bool = False
+    cache_write_tokens: int = 0
+    cache_read_tokens: int = 0
+
+    @property
+    def tokens(self) -> TokenCounts:
+        return TokenCounts(
+            self.input_tokens, self.output_tokens, self.cache_write_tokens, self.cache_read_tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class RetryingLLM(LLM):
         key, self.key_env = api_key(spec)
         self._client = self._make_client(key)
         self._limiter = limiter_for(spec)
+        self._warmup = CacheWarmup()
         self._sleep = sleep  # injectable so tests own the clock
         self._rng = rng or random.Random()  # injectable so tests can fix the jitter
         errors = self.sdk_errors
@@ -129,9 +140,10 @@ class RetryingLLM(LLM):
         """One look-up of the spec's model; SDK errors propagate, an unknown model raises PreflightError."""
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        start = time.monotonic()
-        outcome = self._call(lambda: self._attempt(request))
-        latency = time.monotonic() - start
+        with self._warmup.call(request.cache_key if self.spec.prompt_cache else ""):
+            start = time.monotonic()
+            outcome = self._call(lambda: self._attempt(request))
+            latency = time.monotonic() - start
         if outcome.failure is not None:
             return LLMResponse(
                 text="",
@@ -142,12 +154,16 @@ class RetryingLLM(LLM):
             )
         done = outcome.value
         assert done is not None  # no failure: the attempt returned
+        cost = cost_usd(self.spec, done.tokens)
         return LLMResponse(
             text=done.text,
             model=self.spec.model,
             input_tokens=done.input_tokens,
             output_tokens=done.output_tokens,
-            cost_usd=self._cost(done),
+            cache_write_tokens=done.cache_write_tokens,
+            cache_read_tokens=done.cache_read_tokens,
+            cost_usd=cost,
+            cache_saved_usd=uncached_cost_usd(self.spec, done.tokens) - cost,
             latency_s=latency,
             attempts=outcome.attempts,
             truncated=done.truncated,
@@ -207,12 +223,6 @@ class RetryingLLM(LLM):
         if retry_after_s is not None:
             return retry_after_s
         return min(self.spec.backoff_s * 2**retry, self.spec.backoff_max_s) * self._rng.uniform(0.5, 1.0)
-
-    def _cost(self, done: Completion) -> float:
-        spec = self.spec
-        return (
-            done.input_tokens * spec.price_in_per_mtok + done.output_tokens * spec.price_out_per_mtok
-        ) / 1e6
 
     def _classify(self, exc: Exception) -> Failure:
         errors = self.sdk_errors

@@ -6,6 +6,8 @@ SDKs against it without the internet or real keys.
 
 Tests script it with one reply per request, in order; requests beyond the script get the default reply.
 Every request but ``/health`` is recorded (path, headers, JSON body) for assertions on what the SDK sent.
+With ``prompt_cache=True`` it counts input tokens from the request and caches prompt prefixes as each
+provider does (see prompt_cache.py), reporting cache writes and reads in each API's usage fields.
 
 As a process it stands in for ``vllm serve`` (default replies forever, its URL printed on start)::
 
@@ -28,13 +30,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+try:
+    from fakes.prompt_cache import PromptCache, TooManyBreakpoints, Usage
+except ImportError:  # run as a script: this directory is on the path, not tests/
+    from prompt_cache import PromptCache, TooManyBreakpoints, Usage  # type: ignore[no-redef]
+
 
 @dataclass
 class Reply:
     status: int = 200
     text: str = "hello from the fake"
-    input_tokens: int = 120
+    input_tokens: int = 120  # all input tokens, the cache's included
     output_tokens: int = 45
+    cache_write_tokens: int = 0  # of input_tokens, written to the prompt cache
+    cache_read_tokens: int = 0  # of input_tokens, read from it
     retry_after: float | None = None  # sent as the retry-after header
     hang_s: float = 0.0  # wait this long, then close the connection without an answer
     raw_body: str | None = None  # sent instead of a well-formed answer (streaming: as the first event's data)
@@ -131,7 +140,13 @@ class AnthropicApi(Api):
             "content": content,
             "stop_reason": "max_tokens" if reply.truncated else "end_turn",
             "stop_sequence": None,
-            "usage": {"input_tokens": reply.input_tokens, "output_tokens": reply.output_tokens},
+            # input_tokens leaves out what the cache wrote and read, as the API counts it
+            "usage": {
+                "input_tokens": reply.input_tokens - reply.cache_write_tokens - reply.cache_read_tokens,
+                "cache_creation_input_tokens": reply.cache_write_tokens,
+                "cache_read_input_tokens": reply.cache_read_tokens,
+                "output_tokens": reply.output_tokens,
+            },
         }
 
     def events(self, answer: dict[str, Any]) -> list[Event]:
@@ -217,7 +232,10 @@ class ResponsesApi(Api):
             "tools": [],
             "usage": {
                 "input_tokens": reply.input_tokens,
-                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "input_tokens_details": {
+                    "cached_tokens": reply.cache_read_tokens,
+                    "cache_write_tokens": reply.cache_write_tokens,
+                },
                 "output_tokens": reply.output_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": reply.input_tokens + reply.output_tokens,
@@ -280,6 +298,7 @@ class ChatApi(Api):
             "prompt_tokens": reply.input_tokens,
             "completion_tokens": reply.output_tokens,
             "total_tokens": reply.input_tokens + reply.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": reply.cache_read_tokens},
         }
         finish = "length" if reply.truncated else "stop"
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
@@ -331,8 +350,10 @@ class FakeLLMServer:
         default: Reply | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        prompt_cache: bool = False,
     ) -> None:
         self.latency_s = latency_s
+        self.cache = PromptCache() if prompt_cache else None
         self.models = list(models)
         self.default = default or Reply()
         self.requests: list[Recorded] = []
@@ -410,11 +431,21 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
             headers = {name.lower(): value for name, value in self.headers.items()}
             with server._counted():
                 reply = server._next(Recorded(self.path, headers, body, self.command))
+                usage = None
+                if server.cache is not None and self.command == "POST" and self.path in ROUTES:
+                    try:
+                        usage = server.cache.usage(self.path, body)
+                    except TooManyBreakpoints as exc:
+                        self._send_json(400, ROUTES[self.path].error(400, str(exc)))
+                        return
+                    reply = _with_usage(reply, usage)
                 server._closing.wait(server.latency_s)
                 if reply.hang_s or (reply.drop and not body.get("stream")):
                     server._closing.wait(reply.hang_s)
                     self.close_connection = True
                     return
+                if usage is not None and reply.status == 200:
+                    server.cache.commit(usage)  # type: ignore[union-attr]  # the answer begins
                 self._answer(reply, body, headers)
 
         def _answer(self, reply: Reply, body: dict[str, Any], headers: dict[str, str]) -> None:
@@ -497,6 +528,15 @@ def _handler_for(server: FakeLLMServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _with_usage(reply: Reply, usage: Usage) -> Reply:
+    return replace(
+        reply,
+        input_tokens=usage.input,
+        cache_write_tokens=usage.cache_write,
+        cache_read_tokens=usage.cache_read,
+    )
+
+
 def _pieces(text: str) -> list[str]:
     return [text[i : i + CHUNK_CHARS] for i in range(0, len(text), CHUNK_CHARS)] or [""]
 
@@ -510,11 +550,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-s", type=float, default=0.0, help="delay before every answer")
     parser.add_argument("--reply-text-file", help="file whose text every answer carries")
     parser.add_argument(
+        "--prompt-cache",
+        action="store_true",
+        help="count input tokens and cache prompt prefixes as the APIs do",
+    )
+    parser.add_argument(
         "--models", nargs="+", default=list(DEFAULT_MODELS), help="ids the models endpoint knows"
     )
     args = parser.parse_args(argv)
     default = Reply(text=Path(args.reply_text_file).read_text()) if args.reply_text_file else Reply()
-    server = FakeLLMServer(args.latency_s, tuple(args.models), default, args.host, args.port)
+    server = FakeLLMServer(
+        args.latency_s, tuple(args.models), default, args.host, args.port, prompt_cache=args.prompt_cache
+    )
     print(f"fake LLM server listening on {server.url}", flush=True)
     with server:
         threading.Event().wait()  # until the process is killed
