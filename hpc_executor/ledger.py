@@ -120,6 +120,15 @@ class Ledger:
             f"INSERT INTO llm_calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
         )
 
+    def next_call_id(self, prefix: str) -> str:
+        """``prefix`` plus the next attempt number: one more than the calls recorded under it, in this
+        session or an earlier one, so that a resumed run never reuses an id (attempts are recorded
+        before the next one is asked for)."""
+        (n,) = self.db.execute(
+            "SELECT count(*) FROM llm_calls WHERE substr(call_id, 1, ?) = ?", (len(prefix), prefix)
+        ).fetchone()
+        return f"{prefix}{n}"
+
     def add_idea(self, idea: Idea, slot: int) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO ideas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -267,7 +267,8 @@ class Search:
                     seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
                     future = pool.submit(self.ideator.propose, effective, len(group), shown, seed)
                     parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
-                    futures[future] = (group, f"e{epoch}-{effective}-{group[0].index}-a{attempt}", parents)
+                    call_id = self.ledger.next_call_id(f"e{epoch}-{effective}-{group[0].index}-a")
+                    futures[future] = (group, call_id, parents)
                 for future in as_completed(futures):
                     group, call_id, parents = futures[future]
                     rest = self._record_ideas(epoch, group, call_id, parents, future.result())
