@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS trials (
     submissions INTEGER NOT NULL DEFAULT 0, note TEXT, created_at REAL, updated_at REAL);
 CREATE INDEX IF NOT EXISTS trials_open ON trials (state) WHERE state IN ('pending', 'queued', 'running');
 CREATE INDEX IF NOT EXISTS trials_epoch ON trials (epoch);
+CREATE TABLE IF NOT EXISTS submissions (
+    token TEXT PRIMARY KEY, trial_ids TEXT NOT NULL, created_at REAL, closed_at REAL);
 CREATE TABLE IF NOT EXISTS results (
     trial_id TEXT PRIMARY KEY, status TEXT NOT NULL, reward REAL, metrics TEXT, runtime_s REAL,
     log_path TEXT, log_tail TEXT, reason TEXT, provenance TEXT, ingested_at REAL);
@@ -153,8 +155,25 @@ class Ledger:
             (trial_id, idea_id, epoch, trial_dir, state, now, now),
         )
 
-    def mark_submitted(self, assignments: Iterable[tuple[str, str, int | None]]) -> None:
-        """(trial_id, job_id, array_index) for trials handed to the scheduler."""
+    def intend_submission(self, token: str, trial_ids: list[str]) -> None:
+        """Record, before submitting, that these trials are about to go out under ``token`` (the
+        scheduler can find the jobs by it): a driver killed before ``mark_submitted`` leaves this
+        record, and the next one adopts what was submitted instead of submitting it again."""
+        self.db.execute(
+            "INSERT INTO submissions (token, trial_ids, created_at) VALUES (?, ?, ?)",
+            (token, json.dumps(trial_ids), time.time()),
+        )
+
+    def open_submissions(self) -> dict[str, tuple[list[str], float]]:
+        """Submissions intended but never marked done: token -> (trial ids in order, when)."""
+        rows = self.db.execute("SELECT token, trial_ids, created_at FROM submissions WHERE closed_at IS NULL")
+        return {r["token"]: (json.loads(r["trial_ids"]), r["created_at"]) for r in rows}
+
+    def mark_submitted(
+        self, assignments: Iterable[tuple[str, str, int | None]], token: str | None = None
+    ) -> None:
+        """(trial_id, job_id, array_index) for trials handed to the scheduler; closes the intended
+        submission ``token`` in the same transaction (its trials not named here stay pending)."""
         now = time.time()
         with self.transaction() as db:
             db.executemany(
@@ -162,6 +181,8 @@ class Ledger:
                 " submissions = submissions + 1, updated_at = ? WHERE trial_id = ?",
                 [(job, idx, now, tid) for tid, job, idx in assignments],
             )
+            if token is not None:
+                db.execute("UPDATE submissions SET closed_at = ? WHERE token = ?", (now, token))
 
     def set_trial_state(self, trial_id: str, state: str, note: str | None = None, **fields: Any) -> None:
         sets = ["state = ?", "updated_at = ?"] + [f"{k} = ?" for k in fields]

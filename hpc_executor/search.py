@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
+from hpc_executor.claim import CLAIM_FILE, claim_holder, release_claim
 from hpc_executor.config import register_configs
+from hpc_executor.crashpoints import crash_point
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
 from hpc_executor.ideator import Ideator, Proposal
@@ -332,7 +335,8 @@ class Search:
                 self.ledger.record_results([Result(trial_id, Status(patch.status), reason=patch.reason)])
                 continue
             trial_dir.mkdir(parents=True, exist_ok=True)
-            for stale in (RESULT_FILE, STARTED_FILE):  # a directory left by a crash before add_trial
+            # a directory left by a crash before add_trial
+            for stale in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):
                 (trial_dir / stale).unlink(missing_ok=True)
             (trial_dir / DIFF_FILE).write_text(patch.diff or "")
             TrialSpec(
@@ -367,7 +371,8 @@ class Search:
                 raise RunCancelled(
                     f"run {self.run_dir} was cancelled: {self.ledger.get_meta(CANCELLED_META)}"
                 )
-            changed = self.ledger.poll()
+            adopted = self._adopt_submissions()  # first: a result must not be ingested before its job
+            changed = (adopted or 0) + self.ledger.poll()
             open_trials = self.ledger.open_trials()
             if not open_trials:
                 self._show(epoch)
@@ -379,7 +384,8 @@ class Search:
                 )
                 next_query = time.monotonic() + query_interval
                 changed += asked
-            changed += self._dispatch(open_trials)
+            if adopted is not None:  # else the scheduler cannot say what a killed driver submitted
+                changed += self._dispatch(open_trials)
             if changed:  # the progress line and a prompt scheduler query only when something happened
                 query_interval, next_query = (
                     sched.poll_interval_s,
@@ -399,9 +405,50 @@ class Search:
         batch = pending[:room]
         if not batch:
             return 0
-        jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape)
-        self.ledger.mark_submitted((t.trial_id, job, idx) for t, (job, idx) in zip(batch, jobs, strict=True))
+        # at most once: the intent is recorded first, and a driver killed after it is adopted from
+        token = uuid.uuid4().hex[:12]
+        self.ledger.intend_submission(token, [t.trial_id for t in batch])
+        crash_point("before_submit")
+        jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape, token=token)
+        crash_point("after_submit")
+        self.ledger.mark_submitted(
+            ((t.trial_id, job, idx) for t, (job, idx) in zip(batch, jobs, strict=True)), token=token
+        )
+        crash_point("after_mark")
         return len(batch)
+
+    def _adopt_submissions(self) -> int | None:
+        """Submissions a killed driver had recorded as intended but not as made: adopt the jobs that
+        reached the scheduler, or claimed their trial, instead of submitting them again; the other
+        trials stay pending and go out anew. Returns how many were adopted, None while the scheduler
+        cannot be asked (nothing is submitted meanwhile)."""
+        intents = self.ledger.open_submissions()
+        if not intents:
+            return 0
+        pending = {t.trial_id: t for t in self.ledger.open_trials() if t.state == "pending"}
+        dirs = {
+            token: [str(self.run_dir / "trials" / tid) for tid in tids]
+            for token, (tids, _) in intents.items()
+        }
+        try:
+            found = self.scheduler.find_submitted(dirs, since=min(since for _, since in intents.values()))
+        except SchedulerQueryError as exc:
+            log.warning("%s; trials a killed driver was submitting wait for the next poll", exc)
+            return None
+        adopted = 0
+        for token, (tids, _) in intents.items():
+            jobs = []
+            for tid, tdir in zip(tids, dirs[token], strict=True):
+                holder = claim_holder(Path(tdir))
+                job = (holder, array_index(holder)) if holder else found.get(tdir)
+                if tid in pending and job:
+                    jobs.append((tid, *job))
+            self.ledger.mark_submitted(jobs, token=token)
+            if jobs:
+                self.progress.note(f"adopted {len(jobs)} of {len(tids)} trials a killed driver had submitted "
+                                   f"(jobs {', '.join(sorted({j for _, j, _ in jobs}))})")  # fmt: skip
+            adopted += len(jobs)
+        return adopted
 
     def _check_jobs(self, trials: list[Trial]) -> int:
         """Follow the jobs of submitted trials (one scheduler query): record their state, node and
@@ -418,6 +465,12 @@ class Search:
         now = time.monotonic()
         for t in trials:
             tid, tdir = t.trial_id, Path(t.trial_dir)
+            holder = claim_holder(tdir)
+            if holder and holder != t.job_id:  # two launches raced for the trial: follow the one running it
+                self.ledger.set_trial_state(tid, t.state, note=f"job {holder} claimed the trial, not {t.job_id}",
+                                            job_id=holder, array_index=array_index(holder))  # fmt: skip
+                changed += 1
+                continue
             state = states.get(t.job_id, JobState.UNKNOWN)
             changed += self._follow(t, state)
             if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
@@ -457,6 +510,7 @@ class Search:
             why = "vanished" if state is JobState.UNKNOWN else state.value
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
             self.scheduler.cancel([job])  # should it come back after all, it must not run twice
+            release_claim(Path(trial.trial_dir))  # the new job's to take
             self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
             return
         status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(
@@ -509,6 +563,12 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+
+
+def array_index(job_id: str) -> int | None:
+    """The array task of a Slurm job id ("123_4" -> 4); None for a plain job."""
+    _, sep, index = job_id.partition("_")
+    return int(index) if sep and index.isdigit() else None
 
 
 def trial_shape(cfg: DictConfig) -> Shape:

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hpc_executor.claim import claim_trial, current_job_id
 from hpc_executor.environment import Environment
 from hpc_executor.errors import PatchFailed, PatchRejected
 from hpc_executor.patching import apply_diff
@@ -78,6 +79,9 @@ def run_trial(trial_dir: str) -> str:
     result_path = tdir / RESULT_FILE
     if result_path.exists():
         return str(result_path)
+    job_id = current_job_id()
+    if not claim_trial(tdir, job_id):
+        return str(result_path)  # a second launch of this trial: the claimant's files stay untouched
     # Slurm and submitit stop a job with SIGTERM/SIGINT: turn them into exceptions so the trial's
     # process group is killed on the way out. No result is written then: the driver decides from
     # the scheduler's state whether the trial was cancelled, timed out or must run again.
@@ -88,6 +92,7 @@ def run_trial(trial_dir: str) -> str:
     # the worker keeps its own hard limit, and a Slurm kill is then recorded as a timeout.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     spec = TrialSpec.read(tdir)
+    spec.provenance["job_id"] = job_id
     result = TrialRunner(spec).run()
     write_atomic(result_path, result.to_json())
     return str(result_path)
