@@ -5,10 +5,12 @@ ingests those files (``INSERT OR IGNORE`` keyed by trial id, so ingesting twice 
 A poll only looks at trials that are still open, found through a partial index, so its cost grows
 with the trials in flight, not with the results already recorded.
 
+SQLite's WAL needs every reader on the writer's host, so the driver also publishes a consistent,
+immutable copy (``ledger.snapshot.sqlite``, replaced atomically) that ``load`` reads from any host.
 Read a run from pandas::
 
     from hpc_executor import ledger
-    frames = ledger.load("outputs/tiny-offline-evolution-seed0")   # dict of DataFrames
+    frames = ledger.load("outputs/tiny-offline-evolution-seed0")   # dict of DataFrames (the snapshot)
     ledger.export_parquet("outputs/tiny-offline-evolution-seed0")  # <run>/parquet/*.parquet
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +32,7 @@ from hpc_executor.errors import LedgerError
 from hpc_executor.types import Idea, Patch, Result, Trial
 
 LEDGER_FILE = "ledger.sqlite"
+SNAPSHOT_FILE = "ledger.snapshot.sqlite"  # see Ledger.publish_snapshot and load
 TABLES = ("ideas", "patches", "trials", "results", "llm_calls")
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -63,7 +67,8 @@ _ADDED_COLUMNS = [("llm_calls", "outcome", "TEXT")]
 
 
 class Ledger:
-    """Access to one run's ledger. Single writer (the driver); readers may open it any time."""
+    """Access to one run's ledger. Single writer (the driver); readers on the driver's host may open
+    it any time, readers elsewhere read its snapshot (``load``)."""
 
     def __init__(self, run_dir: str | Path, *, create: bool = False) -> None:
         self.run_dir = Path(run_dir)
@@ -310,21 +315,69 @@ class Ledger:
         return float(spent)
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", self.db) for t in TABLES}
-        for table, cols in {"results": ("metrics", "provenance"), "ideas": ("parents",),
-                            "patches": ("llm_call_ids",)}.items():  # fmt: skip
-            for col in cols:
-                frames[table][col] = frames[table][col].map(lambda s: json.loads(s) if s else None)
-        return frames
+        return _frames(self.db)
+
+    def publish_snapshot(self) -> Path:
+        """Replace the run's snapshot (``ledger.snapshot.sqlite``) with a consistent copy of the
+        ledger, atomically: readers on other hosts open it immutable (no lock, no WAL, so NFS and
+        Lustre are fine), and see the old copy or the new one, never a mix."""
+        path = self.run_dir / SNAPSHOT_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        copy = sqlite3.connect(tmp)
+        try:
+            self.db.backup(copy)  # one read transaction: a consistent state
+            copy.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+        finally:
+            copy.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
 
 
-def load(run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """DataFrames of a run: ideas, patches, trials, results, llm_calls."""
+def _frames(db: sqlite3.Connection) -> dict[str, pd.DataFrame]:
+    frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", db) for t in TABLES}
+    for table, cols in {"results": ("metrics", "provenance"), "ideas": ("parents",),
+                        "patches": ("llm_call_ids",)}.items():  # fmt: skip
+        for col in cols:
+            frames[table][col] = frames[table][col].map(lambda s: json.loads(s) if s else None)
+    return frames
+
+
+def load(run_dir: str | Path, *, live: bool = False) -> dict[str, pd.DataFrame]:
+    """DataFrames of a run: ideas, patches, trials, results, llm_calls.
+
+    By default from the snapshot the driver publishes: safe from any host (a login node reading a
+    run whose driver is on a compute node, over NFS or Lustre), at most ``snapshot_interval_s``
+    behind a running driver, exact once it has stopped. ``live=True`` reads the SQLite ledger
+    itself (WAL): current to the moment, but safe only on the host the driver runs on. A run
+    without a snapshot (made before snapshots existed) is read live."""
+    snapshot = Path(run_dir) / SNAPSHOT_FILE
+    if not live and snapshot.exists():
+        return _load_snapshot(snapshot)
     ledger = Ledger(run_dir)
     try:
         return ledger.frames()
     finally:
         ledger.close()
+
+
+def _load_snapshot(path: Path, retries: int = 4) -> dict[str, pd.DataFrame]:
+    for _ in range(retries):
+        try:
+            return _read_snapshot(path)
+        except (sqlite3.DatabaseError, OSError):  # replaced while read (ESTALE on NFS): read the new one
+            time.sleep(0.1)
+    return _read_snapshot(path)
+
+
+def _read_snapshot(path: Path) -> dict[str, pd.DataFrame]:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)  # no lock, no -wal/-shm
+    try:
+        return _frames(db)
+    finally:
+        db.close()
 
 
 def export_parquet(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -345,9 +398,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("run_dir", help="a run directory, e.g. outputs/tiny-offline-evolution-seed0")
     parser.add_argument("--parquet", action="store_true", help="write <run_dir>/parquet/<table>.parquet")
+    parser.add_argument("--live", action="store_true",
+                        help="read the SQLite ledger itself, not the driver's snapshot (only on the driver's host)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        frames = load(args.run_dir)
+        frames = load(args.run_dir, live=args.live)
     except LedgerError as exc:
         raise SystemExit(f"error: {exc}") from None
     for name, frame in frames.items():

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import time
 import uuid
@@ -81,6 +82,7 @@ class Search:
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
+        self._snapshot_due, self._unpublished = 0.0, False  # when the ledger's snapshot may next be renewed
 
     # -- set-up --------------------------------------------------------------------------------
     def _make_llm(self, role: str) -> LLM:
@@ -226,6 +228,7 @@ class Search:
             raise
         finally:
             self.stop_servers()
+            self._publish_snapshot(force=True)
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
 
@@ -392,6 +395,7 @@ class Search:
                     min(next_query, time.monotonic() + query_interval),
                 )
                 self._show(epoch)
+            self._publish_snapshot()  # a change the interval held back goes out once it is due
             time.sleep(sched.result_poll_s)
 
     def _dispatch(self, open_trials: list[Trial]) -> int:
@@ -563,6 +567,21 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+        self._unpublished = True  # something changed: the snapshot is renewed once it is due
+        self._publish_snapshot()
+
+    def _publish_snapshot(self, force: bool = False) -> None:
+        """Renew the snapshot readers on other hosts read, after a change, at most every
+        ``snapshot_interval_s``; a failure to write it is logged and the run goes on."""
+        if not force and not (self._unpublished and time.monotonic() >= self._snapshot_due):
+            return
+        self._snapshot_due, self._unpublished = time.monotonic() + self.cfg.snapshot_interval_s, False
+        try:
+            self.ledger.publish_snapshot()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning(
+                "could not publish the ledger's snapshot for other hosts (%s); it stays as it was", exc
+            )
 
 
 def array_index(job_id: str) -> int | None:
