@@ -217,6 +217,27 @@ class Ledger:
             )
         return new
 
+    def ended_with(self, status: str) -> list[Trial]:
+        """The trials whose result has this status."""
+        rows = self.db.execute(
+            "SELECT t.trial_id, t.idea_id, t.epoch, t.trial_dir, t.state, t.job_id, t.array_index, t.job_state,"
+            " t.submissions FROM trials t JOIN results r USING (trial_id) WHERE r.status = ?",
+            (status,),
+        ).fetchall()
+        return [Trial(**dict(r)) for r in rows]
+
+    def reopen_trials(self, trial_ids: list[str], note: str) -> None:
+        """Drop these trials' results and make them pending again, in one transaction: an outcome
+        that was not the idea's fault (a full disk) runs again."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany("DELETE FROM results WHERE trial_id = ?", [(tid,) for tid in trial_ids])
+            db.executemany(
+                "UPDATE trials SET state = 'pending', job_id = NULL, array_index = NULL, job_state = NULL,"
+                " note = ?, updated_at = ? WHERE trial_id = ?",
+                [(note, now, tid) for tid in trial_ids],
+            )
+
     # -- ingestion ----------------------------------------------------------------------------
     def open_trials(self) -> list[Trial]:
         rows = self.db.execute(

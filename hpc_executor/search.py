@@ -44,6 +44,7 @@ from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
+from hpc_executor.storage import check_writable, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status, Trial
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
@@ -139,6 +140,18 @@ class Search:
         self.meter.add(self.ledger.spent_usd())
         self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
+        self._retry_disk_full()
+
+    def _retry_disk_full(self) -> None:
+        """Trials that stopped on a full disk were not their idea's fault: they run again. Their files
+        go first, so that a driver killed in between finds the same trials to reopen."""
+        trials = self.ledger.ended_with(Status.DISK_FULL.value)
+        for trial in trials:
+            for name in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):
+                (Path(trial.trial_dir) / name).unlink(missing_ok=True)
+        self.ledger.reopen_trials([t.trial_id for t in trials], note="the disk was full; run again")
+        if trials:
+            self.progress.note(f"{len(trials)} trials that stopped on a full disk run again")
 
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
@@ -674,6 +687,9 @@ def usage_message(missing: list[str]) -> str:
 @hydra.main(config_path="../conf", config_name="search", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per LLM request drowns the progress lines
+    logging.raiseExceptions = (
+        False  # a full disk refuses the log file: no logging traceback hides the message
+    )
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]
@@ -695,6 +711,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (sqlite3.OperationalError, OSError) as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: {storage_message(run_dir, problem)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
@@ -712,7 +734,34 @@ def main() -> None:
     if missing:
         print(usage_message(missing), file=sys.stderr)
         sys.exit(2)
+    unwritable = run_dir_problem(sys.argv[1:])
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
+
+
+def run_dir_problem(argv: list[str]) -> str | None:
+    """Why the run directory cannot be written (a full or read-only disk), asked before Hydra writes
+    its config and log there, which would fail with a traceback; None when it can, or for what this
+    check cannot tell (a sweep, --help, overrides Hydra itself will reject)."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            run_dir = Path(compose("search", overrides=argv, return_hydra_config=True).hydra.run.dir)
+    except Exception:  # Hydra reports a bad command line itself, properly
+        return None
+    try:
+        check_writable(run_dir)
+    except OSError as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        return storage_message(run_dir, problem)
+    return None
 
 
 if __name__ == "__main__":

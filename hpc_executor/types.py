@@ -23,6 +23,7 @@ class Status(str, enum.Enum):
     TIMEOUT = "timeout"  # killed at the hard limit
     INVALID_RESULT = "invalid_result"  # ran, but the metrics are missing, not finite or tampered with
     CANCELLED = "cancelled"  # cancelled by the user or the scheduler
+    DISK_FULL = "disk_full"  # its files (a checkpoint) could not be written: not the idea's fault; runs again on resume
 
     def __str__(self) -> str:
         return self.value

@@ -30,6 +30,7 @@ from hpc_executor.environment import Environment
 from hpc_executor.errors import PatchFailed, PatchRejected
 from hpc_executor.patching import apply_diff
 from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ, tail
+from hpc_executor.storage import ran_out_of_space
 from hpc_executor.types import Result, Status
 
 SPEC_FILE = "spec.json"
@@ -154,6 +155,9 @@ class TrialRunner:
             return self._result(
                 Status.TIMEOUT, reason=f"training killed at the hard limit of {self.env.cfg.hard_limit_s}s"
             )
+        if train.returncode != 0 and ran_out_of_space(self.dir / TRAIN_LOG, self.output):
+            return self._result(Status.DISK_FULL, reason=f"training exited with code {train.returncode}: the disk "
+                                f"of {self.output} is full; it runs again when the run is resumed")  # fmt: skip
         if train.returncode != 0:
             return self._result(Status.CRASHED, reason=f"training exited with code {train.returncode}")
         # The trial runs as the user and could have written to the environment itself; the
