@@ -37,7 +37,7 @@ READER = textwrap.dedent("""
 """)
 
 
-def test_a_reader_in_another_process_sees_consistent_snapshots_while_the_writer_writes(tmp_path: Path) -> None:
+def test_a_reader_in_another_process_reads_consistent_snapshots(tmp_path: Path) -> None:
     n = 150
     Ledger(tmp_path, create=True).publish_snapshot()  # an empty one, for the reader to start on
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(n)])
