@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from hpc_executor.errors import LedgerError
-from hpc_executor.types import Idea, Patch, Result, Trial
+from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
 LEDGER_FILE = "ledger.sqlite"
 SNAPSHOT_FILE = "ledger.snapshot.sqlite"  # see Ledger.publish_snapshot and load
@@ -198,7 +198,9 @@ class Ledger:
         self.db.execute(f"UPDATE trials SET {', '.join(sets)} WHERE trial_id = ?", [*vals, trial_id])
 
     def record_results(self, results: Iterable[Result]) -> int:
-        """Insert results and close their trials, in one transaction. Returns how many were new."""
+        """Insert results and close their trials, in one transaction. Returns how many were new. A
+        result that names the job that ran it (the worker's do) makes that the trial's job."""
+        results = list(results)
         now = time.time()
         rows = [
             (r.trial_id, r.status.value, r.reward, json.dumps(r.metrics), r.runtime_s, r.log_path,
@@ -214,6 +216,13 @@ class Ledger:
             db.executemany(
                 "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
                 [(now, row[0]) for row in rows],
+            )
+            ran = [
+                (job, array_index(job), r.trial_id) for r in results if (job := r.provenance.get("job_id"))
+            ]
+            db.executemany(
+                "UPDATE trials SET job_id = ?, array_index = ? WHERE trial_id = ? AND job_id IS NOT ?",
+                [(*row, row[0]) for row in ran],
             )
         return new
 

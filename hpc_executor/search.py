@@ -46,7 +46,7 @@ from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.storage import check_writable, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
-from hpc_executor.types import Idea, Patch, Result, Status, Trial
+from hpc_executor.types import Idea, Patch, Result, Status, Trial, array_index
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
 
 log = logging.getLogger("hpc_executor.search")
@@ -595,12 +595,6 @@ class Search:
             log.warning(
                 "could not publish the ledger's snapshot for other hosts (%s); it stays as it was", exc
             )
-
-
-def array_index(job_id: str) -> int | None:
-    """The array task of a Slurm job id ("123_4" -> 4); None for a plain job."""
-    _, sep, index = job_id.partition("_")
-    return int(index) if sep and index.isdigit() else None
 
 
 def trial_shape(cfg: DictConfig) -> Shape:

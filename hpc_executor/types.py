@@ -69,6 +69,12 @@ class Trial:
     submissions: int = 0  # a vanished or preempted job is resubmitted, at most once
 
 
+def array_index(job_id: str) -> int | None:
+    """The array task of a Slurm job id ("123_4" -> 4); None for a plain job."""
+    _, sep, index = job_id.partition("_")
+    return int(index) if sep and index.isdigit() else None
+
+
 @dataclass
 class Result:
     """What one trial produced. Written once per trial, atomically, by the worker."""

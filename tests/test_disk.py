@@ -50,7 +50,8 @@ def test_resuming_a_finished_run_on_a_read_only_disk_then_writable(small_disk: P
     assert run_search(*ONE, cwd=small_disk).returncode == 0
     before = ledger_module.load(small_disk / RUN)
     remount(small_disk, "ro")
-    assert_told(run_search(*ONE, "strategy.epochs=2", cwd=small_disk), "read-only")
+    assert_told(run_search(*ONE, cwd=small_disk), "read-only")  # the same command
+    assert_told(run_search(*ONE, "strategy.epochs=2", cwd=small_disk), "read-only")  # one that goes on
     remount(small_disk, "rw")
     proc = run_search(*ONE, "strategy.epochs=2", cwd=small_disk)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,12 +23,15 @@ WRITER = textwrap.dedent("""
             ledger.add_patch(Patch(f"e0-{i:03d}", "diff", "applied"))
         ledger.publish_snapshot()
 """)
+# The reader reads without the retries `load` adds for NFS (a file replaced under an open read):
+# a snapshot written in place rather than replaced would show here as a torn or failed read.
 READER = textwrap.dedent("""
-    import sys, time
+    import sys
+    from pathlib import Path
     from hpc_executor import ledger
     seen = []
     while not seen or seen[-1] < int(sys.argv[2]):
-        frames = ledger.load(sys.argv[1])
+        frames = ledger._read_snapshot(Path(sys.argv[1]) / ledger.SNAPSHOT_FILE)
         ideas, patches = len(frames["ideas"]), len(frames["patches"])
         assert ideas == patches, f"a torn read: {ideas} ideas, {patches} patches"
         assert not seen or ideas >= seen[-1], f"went back in time: {seen[-1]} -> {ideas}"
