@@ -44,7 +44,7 @@ from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
-from hpc_executor.storage import check_writable, storage_message, storage_problem
+from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status, Trial, array_index
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
@@ -442,7 +442,7 @@ class Search:
         intents = self.ledger.open_submissions()
         if not intents:
             return 0
-        pending = {t.trial_id: t for t in self.ledger.open_trials() if t.state == "pending"}
+        pending = {t.trial_id for t in self.ledger.open_trials() if t.state == "pending"}
         dirs = {
             token: [str(self.run_dir / "trials" / tid) for tid in tids]
             for token, (tids, _) in intents.items()
@@ -533,10 +533,13 @@ class Search:
         status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(
             state, Status.CRASHED
         )
+        reason = f"job {job} ended ({state.value}) without writing a result"
+        if status is Status.CRASHED and mentions_full_disk(self._job_log_tail(job)):
+            status = Status.DISK_FULL  # the worker's own files (its claim, its result) did not fit
+            reason += ": the disk is full; it runs again when the run is resumed"
         log_path = Path(trial.trial_dir) / TRAIN_LOG
         self.ledger.record_results([Result(
-            tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job),
-            reason=f"job {job} ended ({state.value}) without writing a result",
+            tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job), reason=reason,
         )])  # fmt: skip
 
     def _job_log_tail(self, job_id: str) -> str:
@@ -681,9 +684,8 @@ def usage_message(missing: list[str]) -> str:
 @hydra.main(config_path="../conf", config_name="search", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per LLM request drowns the progress lines
-    logging.raiseExceptions = (
-        False  # a full disk refuses the log file: no logging traceback hides the message
-    )
+    # a full disk refuses the log file: no logging traceback may bury the message that says so
+    logging.raiseExceptions = False
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]

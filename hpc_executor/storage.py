@@ -59,10 +59,14 @@ def check_writable(run_dir: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
+def mentions_full_disk(log_tail: str) -> bool:
+    return any(sign in log_tail for sign in _FULL_IN_LOG)
+
+
 def ran_out_of_space(log_path: Path, directory: Path) -> bool:
     """Whether a process that failed did so because the disk of ``directory`` filled: its log says
     so, or hardly any space is left there."""
-    if any(sign in tail(log_path) for sign in _FULL_IN_LOG):
+    if mentions_full_disk(tail(log_path)):
         return True
     try:
         stat = os.statvfs(directory)

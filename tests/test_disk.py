@@ -98,3 +98,29 @@ def test_a_disk_that_fills_under_the_driver(small_disk: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     frames = ledger_module.load(small_disk / RUN)
     assert len(frames["results"]) == len(frames["ideas"]) == 3
+
+
+def test_a_worker_whose_own_files_do_not_fit_ends_disk_full_not_crashed(
+    tmp_path: Path, small_disk: Path
+) -> None:
+    """The trial's directory alone is full (its own mount): the worker cannot even claim it."""
+    from test_at_most_once import killed_at
+
+    args = (*ONE, "run_baseline=false", "scheduler.result_grace_s=1")
+    killed_at("before_submit", args, tmp_path)  # the trial exists, nothing is submitted yet
+    trial = tmp_path / RUN / "trials" / "e0-000-t0"
+    for f in trial.iterdir():
+        (small_disk / f.name).write_bytes(f.read_bytes())
+    subprocess.run(["mount", "--bind", str(small_disk), str(trial)], check=True)
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={trial / 'filler'}", "bs=1M"], capture_output=True)
+        proc = run_search(*args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = ledger_module.load(tmp_path / RUN)["results"].iloc[0]
+        assert result.status == "disk_full" and "the disk is full" in result.reason
+        (trial / "filler").unlink()
+        proc = run_search(*args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert list(ledger_module.load(tmp_path / RUN)["results"].status) == ["ok"]
+    finally:
+        subprocess.run(["umount", str(trial)], check=True)
