@@ -534,12 +534,13 @@ class Search:
             state, Status.CRASHED
         )
         reason = f"job {job} ended ({state.value}) without writing a result"
-        if status is Status.CRASHED and mentions_full_disk(self._job_log_tail(job)):
+        job_log = self._job_log_tail(job) if job else ""
+        if status is Status.CRASHED and mentions_full_disk(job_log):
             status = Status.DISK_FULL  # the worker's own files (its claim, its result) did not fit
             reason += ": the disk is full; it runs again when the run is resumed"
         log_path = Path(trial.trial_dir) / TRAIN_LOG
         self.ledger.record_results([Result(
-            tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job), reason=reason,
+            tid, status, log_path=str(log_path), log_tail=tail(log_path) or job_log, reason=reason,
         )])  # fmt: skip
 
     def _job_log_tail(self, job_id: str) -> str:
