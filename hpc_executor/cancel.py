@@ -32,6 +32,7 @@ def cancel_run(run_dir: Path, reason: str = "cancelled with hpc_executor.cancel"
         scheduler.cancel(sorted({t.job_id for t in open_trials if t.job_id}))
         ledger.set_meta(CANCELLED_META, reason)
         ledger.record_results(Result(t.trial_id, Status.CANCELLED, reason=reason) for t in open_trials)
+        ledger.publish_snapshot()  # readers elsewhere see the cancellation now, not at the driver's exit
         return len(open_trials)
     finally:
         ledger.close()

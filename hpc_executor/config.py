@@ -142,6 +142,8 @@ class SearchConfig:
     budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
+    snapshot_interval_s: float = 30.0  # the ledger's snapshot for readers on other hosts is renewed at most
+    # this often while the run changes, and always when the driver stops (see README, "Reading a run from another host")
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
     dry_run: bool = False  # print the sbatch script an epoch's trials would be submitted with, then stop

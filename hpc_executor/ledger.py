@@ -5,10 +5,12 @@ ingests those files (``INSERT OR IGNORE`` keyed by trial id, so ingesting twice 
 A poll only looks at trials that are still open, found through a partial index, so its cost grows
 with the trials in flight, not with the results already recorded.
 
+SQLite's WAL needs every reader on the writer's host, so the driver also publishes a consistent,
+immutable copy (``ledger.snapshot.sqlite``, replaced atomically) that ``load`` reads from any host.
 Read a run from pandas::
 
     from hpc_executor import ledger
-    frames = ledger.load("outputs/tiny-offline-evolution-seed0")   # dict of DataFrames
+    frames = ledger.load("outputs/tiny-offline-evolution-seed0")   # dict of DataFrames (the snapshot)
     ledger.export_parquet("outputs/tiny-offline-evolution-seed0")  # <run>/parquet/*.parquet
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -26,9 +29,10 @@ from typing import Any
 import pandas as pd
 
 from hpc_executor.errors import LedgerError
-from hpc_executor.types import Idea, Patch, Result, Trial
+from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
 LEDGER_FILE = "ledger.sqlite"
+SNAPSHOT_FILE = "ledger.snapshot.sqlite"  # see Ledger.publish_snapshot and load
 TABLES = ("ideas", "patches", "trials", "results", "llm_calls")
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -51,6 +55,8 @@ CREATE TABLE IF NOT EXISTS trials (
     submissions INTEGER NOT NULL DEFAULT 0, note TEXT, created_at REAL, updated_at REAL);
 CREATE INDEX IF NOT EXISTS trials_open ON trials (state) WHERE state IN ('pending', 'queued', 'running');
 CREATE INDEX IF NOT EXISTS trials_epoch ON trials (epoch);
+CREATE TABLE IF NOT EXISTS submissions (
+    token TEXT PRIMARY KEY, trial_ids TEXT NOT NULL, created_at REAL, closed_at REAL);
 CREATE TABLE IF NOT EXISTS results (
     trial_id TEXT PRIMARY KEY, status TEXT NOT NULL, reward REAL, metrics TEXT, runtime_s REAL,
     log_path TEXT, log_tail TEXT, reason TEXT, provenance TEXT, ingested_at REAL);
@@ -68,7 +74,8 @@ _ADDED_COLUMNS = [
 
 
 class Ledger:
-    """Access to one run's ledger. Single writer (the driver); readers may open it any time."""
+    """Access to one run's ledger. Single writer (the driver); readers on the driver's host may open
+    it any time, readers elsewhere read its snapshot (``load``)."""
 
     def __init__(self, run_dir: str | Path, *, create: bool = False) -> None:
         self.run_dir = Path(run_dir)
@@ -127,6 +134,15 @@ class Ledger:
             f"INSERT INTO llm_calls ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
         )
 
+    def next_call_id(self, prefix: str) -> str:
+        """``prefix`` plus the next attempt number: one more than the calls recorded under it, in this
+        session or an earlier one, so that a resumed run never reuses an id (attempts are recorded
+        before the next one is asked for)."""
+        (n,) = self.db.execute(
+            "SELECT count(*) FROM llm_calls WHERE substr(call_id, 1, ?) = ?", (len(prefix), prefix)
+        ).fetchone()
+        return f"{prefix}{n}"
+
     def add_idea(self, idea: Idea, slot: int) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO ideas VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -151,8 +167,25 @@ class Ledger:
             (trial_id, idea_id, epoch, trial_dir, state, now, now),
         )
 
-    def mark_submitted(self, assignments: Iterable[tuple[str, str, int | None]]) -> None:
-        """(trial_id, job_id, array_index) for trials handed to the scheduler."""
+    def intend_submission(self, token: str, trial_ids: list[str]) -> None:
+        """Record, before submitting, that these trials are about to go out under ``token`` (the
+        scheduler can find the jobs by it): a driver killed before ``mark_submitted`` leaves this
+        record, and the next one adopts what was submitted instead of submitting it again."""
+        self.db.execute(
+            "INSERT INTO submissions (token, trial_ids, created_at) VALUES (?, ?, ?)",
+            (token, json.dumps(trial_ids), time.time()),
+        )
+
+    def open_submissions(self) -> dict[str, tuple[list[str], float]]:
+        """Submissions intended but never marked done: token -> (trial ids in order, when)."""
+        rows = self.db.execute("SELECT token, trial_ids, created_at FROM submissions WHERE closed_at IS NULL")
+        return {r["token"]: (json.loads(r["trial_ids"]), r["created_at"]) for r in rows}
+
+    def mark_submitted(
+        self, assignments: Iterable[tuple[str, str, int | None]], token: str | None = None
+    ) -> None:
+        """(trial_id, job_id, array_index) for trials handed to the scheduler; closes the intended
+        submission ``token`` in the same transaction (its trials not named here stay pending)."""
         now = time.time()
         with self.transaction() as db:
             db.executemany(
@@ -160,6 +193,8 @@ class Ledger:
                 " submissions = submissions + 1, updated_at = ? WHERE trial_id = ?",
                 [(job, idx, now, tid) for tid, job, idx in assignments],
             )
+            if token is not None:
+                db.execute("UPDATE submissions SET closed_at = ? WHERE token = ?", (now, token))
 
     def set_trial_state(self, trial_id: str, state: str, note: str | None = None, **fields: Any) -> None:
         sets = ["state = ?", "updated_at = ?"] + [f"{k} = ?" for k in fields]
@@ -170,7 +205,9 @@ class Ledger:
         self.db.execute(f"UPDATE trials SET {', '.join(sets)} WHERE trial_id = ?", [*vals, trial_id])
 
     def record_results(self, results: Iterable[Result]) -> int:
-        """Insert results and close their trials, in one transaction. Returns how many were new."""
+        """Insert results and close their trials, in one transaction. Returns how many were new. A
+        result that names the job that ran it (the worker's do) makes that the trial's job."""
+        results = list(results)
         now = time.time()
         rows = [
             (r.trial_id, r.status.value, r.reward, json.dumps(r.metrics), r.runtime_s, r.log_path,
@@ -187,7 +224,35 @@ class Ledger:
                 "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
                 [(now, row[0]) for row in rows],
             )
+            ran = [
+                (job, array_index(job), r.trial_id) for r in results if (job := r.provenance.get("job_id"))
+            ]
+            db.executemany(
+                "UPDATE trials SET job_id = ?, array_index = ? WHERE trial_id = ? AND job_id IS NOT ?",
+                [(*row, row[0]) for row in ran],
+            )
         return new
+
+    def ended_with(self, status: str) -> list[Trial]:
+        """The trials whose result has this status."""
+        rows = self.db.execute(
+            "SELECT t.trial_id, t.idea_id, t.epoch, t.trial_dir, t.state, t.job_id, t.array_index, t.job_state,"
+            " t.submissions FROM trials t JOIN results r USING (trial_id) WHERE r.status = ?",
+            (status,),
+        ).fetchall()
+        return [Trial(**dict(r)) for r in rows]
+
+    def reopen_trials(self, trial_ids: list[str], note: str) -> None:
+        """Drop these trials' results and make them pending again, in one transaction: an outcome
+        that was not the idea's fault (a full disk) runs again."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany("DELETE FROM results WHERE trial_id = ?", [(tid,) for tid in trial_ids])
+            db.executemany(
+                "UPDATE trials SET state = 'pending', job_id = NULL, array_index = NULL, job_state = NULL,"
+                " note = ?, updated_at = ? WHERE trial_id = ?",
+                [(note, now, tid) for tid in trial_ids],
+            )
 
     # -- ingestion ----------------------------------------------------------------------------
     def open_trials(self) -> list[Trial]:
@@ -290,21 +355,69 @@ class Ledger:
         return float(spent)
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", self.db) for t in TABLES}
-        for table, cols in {"results": ("metrics", "provenance"), "ideas": ("parents",),
-                            "patches": ("llm_call_ids",)}.items():  # fmt: skip
-            for col in cols:
-                frames[table][col] = frames[table][col].map(lambda s: json.loads(s) if s else None)
-        return frames
+        return _frames(self.db)
+
+    def publish_snapshot(self) -> Path:
+        """Replace the run's snapshot (``ledger.snapshot.sqlite``) with a consistent copy of the
+        ledger, atomically: readers on other hosts open it immutable (no lock, no WAL, so NFS and
+        Lustre are fine), and see the old copy or the new one, never a mix."""
+        path = self.run_dir / SNAPSHOT_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        copy = sqlite3.connect(tmp)
+        try:
+            self.db.backup(copy)  # one read transaction: a consistent state
+            copy.execute("PRAGMA journal_mode=DELETE")  # a single self-contained file
+        finally:
+            copy.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
 
 
-def load(run_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """DataFrames of a run: ideas, patches, trials, results, llm_calls."""
+def _frames(db: sqlite3.Connection) -> dict[str, pd.DataFrame]:
+    frames = {t: pd.read_sql_query(f"SELECT * FROM {t}", db) for t in TABLES}
+    for table, cols in {"results": ("metrics", "provenance"), "ideas": ("parents",),
+                        "patches": ("llm_call_ids",)}.items():  # fmt: skip
+        for col in cols:
+            frames[table][col] = frames[table][col].map(lambda s: json.loads(s) if s else None)
+    return frames
+
+
+def load(run_dir: str | Path, *, live: bool = False) -> dict[str, pd.DataFrame]:
+    """DataFrames of a run: ideas, patches, trials, results, llm_calls.
+
+    By default from the snapshot the driver publishes: safe from any host (a login node reading a
+    run whose driver is on a compute node, over NFS or Lustre), at most ``snapshot_interval_s``
+    behind a running driver, exact once it has stopped. ``live=True`` reads the SQLite ledger
+    itself (WAL): current to the moment, but safe only on the host the driver runs on. A run
+    without a snapshot (made before snapshots existed) is read live."""
+    snapshot = Path(run_dir) / SNAPSHOT_FILE
+    if not live and snapshot.exists():
+        return _load_snapshot(snapshot)
     ledger = Ledger(run_dir)
     try:
         return ledger.frames()
     finally:
         ledger.close()
+
+
+def _load_snapshot(path: Path, retries: int = 4) -> dict[str, pd.DataFrame]:
+    for _ in range(retries):
+        try:
+            return _read_snapshot(path)
+        except (sqlite3.DatabaseError, OSError):  # replaced while read (ESTALE on NFS): read the new one
+            time.sleep(0.1)
+    return _read_snapshot(path)
+
+
+def _read_snapshot(path: Path) -> dict[str, pd.DataFrame]:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)  # no lock, no -wal/-shm
+    try:
+        return _frames(db)
+    finally:
+        db.close()
 
 
 def export_parquet(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -325,9 +438,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("run_dir", help="a run directory, e.g. outputs/tiny-offline-evolution-seed0")
     parser.add_argument("--parquet", action="store_true", help="write <run_dir>/parquet/<table>.parquet")
+    parser.add_argument("--live", action="store_true",
+                        help="read the SQLite ledger itself, not the driver's snapshot (only on the driver's host)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        frames = load(args.run_dir)
+        frames = load(args.run_dir, live=args.live)
     except LedgerError as exc:
         raise SystemExit(f"error: {exc}") from None
     for name, frame in frames.items():

@@ -28,6 +28,8 @@ from hpc_executor.worker import run_trial
 
 log = logging.getLogger(__name__)
 
+SUBMISSION_ENV = "HPCX_SUBMISSION"  # "<token>:<index>" in a local job's environment
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -71,8 +73,20 @@ class Scheduler(abc.ABC):
         """How many trials of this shape may be in flight at once; None: let the cluster queue them."""
 
     @abc.abstractmethod
-    def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
-        """Launch one job per trial directory, as one array; returns (job id, array index) per trial."""
+    def submit(
+        self, trial_dirs: list[str], shape: Shape, token: str | None = None
+    ) -> list[tuple[str, int | None]]:
+        """Launch one job per trial directory, as one array; returns (job id, array index) per trial.
+        The jobs carry ``token`` (recorded in the ledger before) so that ``find_submitted`` finds
+        them should the driver die before it records their ids."""
+
+    @abc.abstractmethod
+    def find_submitted(
+        self, submissions: dict[str, list[str]], since: float
+    ) -> dict[str, tuple[str, int | None]]:
+        """The jobs that ``submit`` calls with these tokens (token -> trial directories, in the order
+        submitted, the first not before ``since``) launched, in one query: trial directory -> (job
+        id, array index), for the directories whose job was found. Raises SchedulerQueryError."""
 
     @abc.abstractmethod
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
@@ -107,12 +121,31 @@ class LocalScheduler(Scheduler):
             return max(1, min(by_cpu, local_gpu_count() // shape.gpus))
         return by_cpu
 
-    def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
+    def submit(
+        self, trial_dirs: list[str], shape: Shape, token: str | None = None
+    ) -> list[tuple[str, int | None]]:
+        executor = self._executor(shape)
+        jobs = []
         with _outliving_the_terminal():
-            jobs = self._executor(shape).map_array(run_trial, trial_dirs)
+            for index, trial_dir in enumerate(trial_dirs):  # one process each, as map_array does
+                with _environ(SUBMISSION_ENV, f"{token}:{index}" if token else None):
+                    jobs.append(executor.submit(run_trial, trial_dir))
         for job in jobs:
             self._jobs[job.job_id] = job
         return [(job.job_id, None) for job in jobs]
+
+    def find_submitted(
+        self, submissions: dict[str, list[str]], since: float
+    ) -> dict[str, tuple[str, int | None]]:
+        """Live local jobs carry their token in their environment; one that ended already is found
+        by its claim on the trial directory (see ``claim``), which the driver reads itself."""
+        found: dict[str, tuple[str, int | None]] = {}
+        for pid, environ in _submitit_processes():
+            token, _, index = environ.get(SUBMISSION_ENV, "").partition(":")
+            if token in submissions and index.isdigit() and int(index) < len(submissions[token]):
+                job_id = environ.get("SUBMITIT_LOCAL_JOB_ID", str(pid))  # a task names its controller
+                found[submissions[token][int(index)]] = (job_id, None)
+        return found
 
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
         with _outliving_the_terminal():
@@ -162,6 +195,36 @@ def _outliving_the_terminal() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """``name=value`` in the environment of what is started meanwhile (nothing when value is None)."""
+    if value is None:
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def _submitit_processes() -> Iterator[tuple[int, dict[str, str]]]:
+    """(pid, environment) of every live submitit process this user may read."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not _is_submitit_process(int(entry.name)):
+            continue
+        try:
+            raw = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        pairs = (item.partition(b"=") for item in raw.split(b"\0") if item)
+        yield int(entry.name), {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
 
 
 def _is_submitit_process(pid: int) -> bool:

@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
+from hpc_executor.claim import CLAIM_FILE, claim_holder, release_claim
 from hpc_executor.config import register_configs
+from hpc_executor.crashpoints import crash_point
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
 from hpc_executor.ideator import Ideator, Proposal
@@ -40,8 +44,9 @@ from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
+from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
-from hpc_executor.types import Idea, Patch, Result, Status, Trial
+from hpc_executor.types import Idea, Patch, Result, Status, Trial, array_index
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TRAIN_LOG, TrialSpec
 
 log = logging.getLogger("hpc_executor.search")
@@ -78,6 +83,7 @@ class Search:
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
         self._waiting_since: dict[str, float] = {}  # trial -> when its job was first seen ended
+        self._snapshot_due, self._unpublished = 0.0, False  # when the ledger's snapshot may next be renewed
 
     # -- set-up --------------------------------------------------------------------------------
     def _make_llm(self, role: str) -> LLM:
@@ -134,6 +140,18 @@ class Search:
         self.meter.add(self.ledger.spent_usd())
         self.ledger.set_meta(CANCELLED_META, None)  # running a cancelled run again resumes it
         self.progress = Progress(self.cfg.strategy.epochs, self.baseline_reward())
+        self._retry_disk_full()
+
+    def _retry_disk_full(self) -> None:
+        """Trials that stopped on a full disk were not their idea's fault: they run again. Their files
+        go first, so that a driver killed in between finds the same trials to reopen."""
+        trials = self.ledger.ended_with(Status.DISK_FULL.value)
+        for trial in trials:
+            for name in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):
+                (Path(trial.trial_dir) / name).unlink(missing_ok=True)
+        self.ledger.reopen_trials([t.trial_id for t in trials], note="the disk was full; run again")
+        if trials:
+            self.progress.note(f"{len(trials)} trials that stopped on a full disk run again")
 
     def _check_same_run(self) -> None:
         identity = {"env": self.env.name, "baseline_hash": self.env.baseline_hash(),
@@ -223,6 +241,7 @@ class Search:
             raise
         finally:
             self.stop_servers()
+            self._publish_snapshot(force=True)
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
 
@@ -267,7 +286,8 @@ class Search:
                     seed = f"{self.cfg.seed}-{epoch}-{group[0].index}-{attempt}"
                     future = pool.submit(self.ideator.propose, effective, len(group), shown, seed)
                     parents = [h["idea_id"] for h in shown] if effective == "exploit" else []
-                    futures[future] = (group, f"e{epoch}-{effective}-{group[0].index}-a{attempt}", parents)
+                    call_id = self.ledger.next_call_id(f"e{epoch}-{effective}-{group[0].index}-a")
+                    futures[future] = (group, call_id, parents)
                 for future in as_completed(futures):
                     group, call_id, parents = futures[future]
                     rest = self._record_ideas(epoch, group, call_id, parents, future.result())
@@ -331,7 +351,8 @@ class Search:
                 self.ledger.record_results([Result(trial_id, Status(patch.status), reason=patch.reason)])
                 continue
             trial_dir.mkdir(parents=True, exist_ok=True)
-            for stale in (RESULT_FILE, STARTED_FILE):  # a directory left by a crash before add_trial
+            # a directory left by a crash before add_trial
+            for stale in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):
                 (trial_dir / stale).unlink(missing_ok=True)
             (trial_dir / DIFF_FILE).write_text(patch.diff or "")
             TrialSpec(
@@ -366,7 +387,8 @@ class Search:
                 raise RunCancelled(
                     f"run {self.run_dir} was cancelled: {self.ledger.get_meta(CANCELLED_META)}"
                 )
-            changed = self.ledger.poll()
+            adopted = self._adopt_submissions()  # first: a result must not be ingested before its job
+            changed = (adopted or 0) + self.ledger.poll()
             open_trials = self.ledger.open_trials()
             if not open_trials:
                 self._show(epoch)
@@ -378,13 +400,15 @@ class Search:
                 )
                 next_query = time.monotonic() + query_interval
                 changed += asked
-            changed += self._dispatch(open_trials)
+            if adopted is not None:  # else the scheduler cannot say what a killed driver submitted
+                changed += self._dispatch(open_trials)
             if changed:  # the progress line and a prompt scheduler query only when something happened
                 query_interval, next_query = (
                     sched.poll_interval_s,
                     min(next_query, time.monotonic() + query_interval),
                 )
                 self._show(epoch)
+            self._publish_snapshot()  # a change the interval held back goes out once it is due
             time.sleep(sched.result_poll_s)
 
     def _dispatch(self, open_trials: list[Trial]) -> int:
@@ -398,9 +422,50 @@ class Search:
         batch = pending[:room]
         if not batch:
             return 0
-        jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape)
-        self.ledger.mark_submitted((t.trial_id, job, idx) for t, (job, idx) in zip(batch, jobs, strict=True))
+        # at most once: the intent is recorded first, and a driver killed after it is adopted from
+        token = uuid.uuid4().hex[:12]
+        self.ledger.intend_submission(token, [t.trial_id for t in batch])
+        crash_point("before_submit")
+        jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape, token=token)
+        crash_point("after_submit")
+        self.ledger.mark_submitted(
+            ((t.trial_id, job, idx) for t, (job, idx) in zip(batch, jobs, strict=True)), token=token
+        )
+        crash_point("after_mark")
         return len(batch)
+
+    def _adopt_submissions(self) -> int | None:
+        """Submissions a killed driver had recorded as intended but not as made: adopt the jobs that
+        reached the scheduler, or claimed their trial, instead of submitting them again; the other
+        trials stay pending and go out anew. Returns how many were adopted, None while the scheduler
+        cannot be asked (nothing is submitted meanwhile)."""
+        intents = self.ledger.open_submissions()
+        if not intents:
+            return 0
+        pending = {t.trial_id for t in self.ledger.open_trials() if t.state == "pending"}
+        dirs = {
+            token: [str(self.run_dir / "trials" / tid) for tid in tids]
+            for token, (tids, _) in intents.items()
+        }
+        try:
+            found = self.scheduler.find_submitted(dirs, since=min(since for _, since in intents.values()))
+        except SchedulerQueryError as exc:
+            log.warning("%s; trials a killed driver was submitting wait for the next poll", exc)
+            return None
+        adopted = 0
+        for token, (tids, _) in intents.items():
+            jobs = []
+            for tid, tdir in zip(tids, dirs[token], strict=True):
+                holder = claim_holder(Path(tdir))
+                job = (holder, array_index(holder)) if holder else found.get(tdir)
+                if tid in pending and job:
+                    jobs.append((tid, *job))
+            self.ledger.mark_submitted(jobs, token=token)
+            if jobs:
+                self.progress.note(f"adopted {len(jobs)} of {len(tids)} trials a killed driver had submitted "
+                                   f"(jobs {', '.join(sorted({j for _, j, _ in jobs}))})")  # fmt: skip
+            adopted += len(jobs)
+        return adopted
 
     def _check_jobs(self, trials: list[Trial]) -> int:
         """Follow the jobs of submitted trials (one scheduler query): record their state, node and
@@ -417,6 +482,12 @@ class Search:
         now = time.monotonic()
         for t in trials:
             tid, tdir = t.trial_id, Path(t.trial_dir)
+            holder = claim_holder(tdir)
+            if holder and holder != t.job_id:  # two launches raced for the trial: follow the one running it
+                self.ledger.set_trial_state(tid, t.state, note=f"job {holder} claimed the trial, not {t.job_id}",
+                                            job_id=holder, array_index=array_index(holder))  # fmt: skip
+                changed += 1
+                continue
             state = states.get(_job_of(t), JobState.UNKNOWN)
             changed += self._follow(t, state)
             if (not state.finished and state is not JobState.UNKNOWN) or (tdir / RESULT_FILE).exists():
@@ -456,15 +527,20 @@ class Search:
             why = "vanished" if state is JobState.UNKNOWN else state.value
             self.progress.note(f"trial {tid}: job {job} {why} without a result; submitting it again")
             self.scheduler.cancel([job])  # should it come back after all, it must not run twice
+            release_claim(Path(trial.trial_dir))  # the new job's to take
             self.ledger.set_trial_state(tid, "pending", note=f"job {job} {why}; resubmitted")
             return
         status = {JobState.CANCELLED: Status.CANCELLED, JobState.TIMEOUT: Status.TIMEOUT}.get(
             state, Status.CRASHED
         )
+        reason = f"job {job} ended ({state.value}) without writing a result"
+        job_log = self._job_log_tail(job) if job else ""
+        if status is Status.CRASHED and mentions_full_disk(job_log):
+            status = Status.DISK_FULL  # the worker's own files (its claim, its result) did not fit
+            reason += ": the disk is full; it runs again when the run is resumed"
         log_path = Path(trial.trial_dir) / TRAIN_LOG
         self.ledger.record_results([Result(
-            tid, status, log_path=str(log_path), log_tail=tail(log_path) or self._job_log_tail(job),
-            reason=f"job {job} ended ({state.value}) without writing a result",
+            tid, status, log_path=str(log_path), log_tail=tail(log_path) or job_log, reason=reason,
         )])  # fmt: skip
 
     def _job_log_tail(self, job_id: str) -> str:
@@ -509,6 +585,21 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+        self._unpublished = True  # something changed: the snapshot is renewed once it is due
+        self._publish_snapshot()
+
+    def _publish_snapshot(self, force: bool = False) -> None:
+        """Renew the snapshot readers on other hosts read, after a change, at most every
+        ``snapshot_interval_s``; a failure to write it is logged and the run goes on."""
+        if not force and not (self._unpublished and time.monotonic() >= self._snapshot_due):
+            return
+        self._snapshot_due, self._unpublished = time.monotonic() + self.cfg.snapshot_interval_s, False
+        try:
+            self.ledger.publish_snapshot()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning(
+                "could not publish the ledger's snapshot for other hosts (%s); it stays as it was", exc
+            )
 
 
 def _job_of(trial: Trial) -> str:
@@ -601,6 +692,8 @@ def usage_message(missing: list[str]) -> str:
 @hydra.main(config_path="../conf", config_name="search", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per LLM request drowns the progress lines
+    # a full disk refuses the log file: no logging traceback may bury the message that says so
+    logging.raiseExceptions = False
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         missing = [g for g in ("env", "model") if OmegaConf.is_missing(cfg, g)]
@@ -622,6 +715,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (sqlite3.OperationalError, OSError) as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        print(f"error: {storage_message(run_dir, problem)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _remove_if_untouched(run_dir: Path) -> None:
@@ -639,7 +738,34 @@ def main() -> None:
     if missing:
         print(usage_message(missing), file=sys.stderr)
         sys.exit(2)
+    unwritable = run_dir_problem(sys.argv[1:])
+    if unwritable:
+        print(f"error: {unwritable}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
+
+
+def run_dir_problem(argv: list[str]) -> str | None:
+    """Why the run directory cannot be written (a full or read-only disk), asked before Hydra writes
+    its config and log there, which would fail with a traceback; None when it can, or for what this
+    check cannot tell (a sweep, --help, overrides Hydra itself will reject)."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            run_dir = Path(compose("search", overrides=argv, return_hydra_config=True).hydra.run.dir)
+    except Exception:  # Hydra reports a bad command line itself, properly
+        return None
+    try:
+        check_writable(run_dir)
+    except OSError as exc:
+        problem = storage_problem(exc)
+        if problem is None:
+            raise
+        return storage_message(run_dir, problem)
+    return None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, cast
@@ -140,9 +141,14 @@ class SlurmScheduler(Scheduler):
             params["array_parallelism"] = int(c.max_array_parallel)
         return params
 
-    def submit(self, trial_dirs: list[str], shape: Shape) -> list[tuple[str, int | None]]:
+    def submit(
+        self, trial_dirs: list[str], shape: Shape, token: str | None = None
+    ) -> list[tuple[str, int | None]]:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j")
-        executor.update_parameters(**self.sbatch_parameters(shape))
+        params = self.sbatch_parameters(shape)
+        if token:
+            params["job_name"] = self.submission_name(token)
+        executor.update_parameters(**params)
         jobs = executor.map_array(run_trial, trial_dirs)
         assignments = []
         for job in jobs:
@@ -152,6 +158,37 @@ class SlurmScheduler(Scheduler):
             "submitted %d trials as Slurm job %s", len(jobs), jobs[0].job_id.split("_")[0] if jobs else "-"
         )
         return assignments
+
+    def submission_name(self, token: str) -> str:
+        """The job name an array submitted under ``token`` carries: how a later driver finds it."""
+        return f"{self.cfg.job_name}-{token}"
+
+    def find_submitted(
+        self, submissions: dict[str, list[str]], since: float
+    ) -> dict[str, tuple[str, int | None]]:
+        """By job name: squeue for the jobs still queued or running (slurmctld knows them at once),
+        sacct for those that ended already; each asked once for every token."""
+        names = {self.submission_name(token): dirs for token, dirs in submissions.items()}
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+        queries = [
+            ["squeue", "-h", "-r", "-o", "%i|%j", f"--name={','.join(names)}"],
+            ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,JobName", "-S", start,
+             f"--name={','.join(names)}"],
+        ]  # fmt: skip
+        arrays: dict[str, str] = {}  # job name -> its array (or plain) job id
+        for cmd in queries:
+            for line in _ask(cmd).splitlines():
+                job_id, _, name = line.strip().partition("|")
+                if name in names and (match := _JOB_ID.match(job_id)):
+                    arrays[name] = match["job"]
+        found: dict[str, tuple[str, int | None]] = {}
+        for name, array in arrays.items():
+            dirs = names[name]
+            if len(dirs) == 1:  # submitit sends a single trial as a plain job, not an array
+                found[dirs[0]] = (array, None)
+            else:
+                found.update({d: (f"{array}_{i}", i) for i, d in enumerate(dirs)})
+        return found
 
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j")
@@ -167,13 +204,7 @@ class SlurmScheduler(Scheduler):
             return {}
         parents = sorted({j.split("_")[0] for j in job_ids}, key=int)
         cmd = ["sacct", "-X", "--parsable2", "--noheader", "-o", SACCT_FIELDS, "-j", ",".join(parents)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise SchedulerQueryError(f"sacct failed: {exc}") from exc
-        if proc.returncode != 0:
-            raise SchedulerQueryError(f"sacct exited {proc.returncode}: {proc.stderr.strip()[:300]}")
-        known = parse_sacct(proc.stdout)
+        known = parse_sacct(_ask(cmd))
         return {j: known.get(j, JobState.UNKNOWN) for j in job_ids}
 
     def cancel(self, job_ids: list[str]) -> None:
@@ -183,6 +214,17 @@ class SlurmScheduler(Scheduler):
     def dry_run(self, shape: Shape, n_trials: int) -> str:
         """The sbatch script an array of ``n_trials`` trials of this shape would be submitted with."""
         return sbatch_script(self.sbatch_parameters(shape), self.folder / "%j", n_trials)
+
+
+def _ask(cmd: list[str]) -> str:
+    """A Slurm query's output; SchedulerQueryError when it cannot be had."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SchedulerQueryError(f"{cmd[0]} failed: {exc}") from exc
+    if proc.returncode != 0:
+        raise SchedulerQueryError(f"{cmd[0]} exited {proc.returncode}: {proc.stderr.strip()[:300]}")
+    return proc.stdout
 
 
 def sbatch_script(params: dict[str, Any], folder: Path, n_trials: int, python: str = sys.executable) -> str:

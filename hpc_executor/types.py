@@ -23,6 +23,7 @@ class Status(str, enum.Enum):
     TIMEOUT = "timeout"  # killed at the hard limit
     INVALID_RESULT = "invalid_result"  # ran, but the metrics are missing, not finite or tampered with
     CANCELLED = "cancelled"  # cancelled by the user or the scheduler
+    DISK_FULL = "disk_full"  # its files (a checkpoint) could not be written: not the idea's fault; runs again on resume
 
     def __str__(self) -> str:
         return self.value
@@ -66,6 +67,12 @@ class Trial:
     array_index: int | None = None
     job_state: str | None = None  # last JobState seen while the trial was open (pending, running, ...)
     submissions: int = 0  # a vanished or preempted job is resubmitted, at most once
+
+
+def array_index(job_id: str) -> int | None:
+    """The array task of a Slurm job id ("123_4" -> 4); None for a plain job."""
+    _, sep, index = job_id.partition("_")
+    return int(index) if sep and index.isdigit() else None
 
 
 @dataclass

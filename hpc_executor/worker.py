@@ -25,10 +25,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hpc_executor.claim import claim_trial, current_job_id
 from hpc_executor.environment import Environment
 from hpc_executor.errors import PatchFailed, PatchRejected
 from hpc_executor.patching import apply_diff
 from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ, tail
+from hpc_executor.storage import ran_out_of_space
 from hpc_executor.types import Result, Status
 
 SPEC_FILE = "spec.json"
@@ -78,6 +80,9 @@ def run_trial(trial_dir: str) -> str:
     result_path = tdir / RESULT_FILE
     if result_path.exists():
         return str(result_path)
+    job_id = current_job_id()
+    if not claim_trial(tdir, job_id):
+        return str(result_path)  # a second launch of this trial: the claimant's files stay untouched
     # Slurm and submitit stop a job with SIGTERM/SIGINT: turn them into exceptions so the trial's
     # process group is killed on the way out. No result is written then: the driver decides from
     # the scheduler's state whether the trial was cancelled, timed out or must run again.
@@ -88,6 +93,7 @@ def run_trial(trial_dir: str) -> str:
     # the worker keeps its own hard limit, and a Slurm kill is then recorded as a timeout.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     spec = TrialSpec.read(tdir)
+    spec.provenance["job_id"] = job_id
     result = TrialRunner(spec).run()
     write_atomic(result_path, result.to_json())
     return str(result_path)
@@ -149,6 +155,9 @@ class TrialRunner:
             return self._result(
                 Status.TIMEOUT, reason=f"training killed at the hard limit of {self.env.cfg.hard_limit_s}s"
             )
+        if train.returncode != 0 and ran_out_of_space(self.dir / TRAIN_LOG, self.output):
+            return self._result(Status.DISK_FULL, reason=f"training exited with code {train.returncode}: the disk "
+                                f"of {self.output} is full; it runs again when the run is resumed")  # fmt: skip
         if train.returncode != 0:
             return self._result(Status.CRASHED, reason=f"training exited with code {train.returncode}")
         # The trial runs as the user and could have written to the environment itself; the

@@ -20,6 +20,15 @@ if os.environ.get("QUICK_RUN_LOG"):  # the tests count how often each trial ran
         f.write(os.environ["HPCX_OUTPUT_DIR"] + "\n")
 if os.environ.get("QUICK_SLEEP_S"):
     time.sleep(float(os.environ["QUICK_SLEEP_S"]))
+if os.environ.get("QUICK_CHECKPOINT_MB"):  # a checkpoint this large, as trainers write one (tests fill disks)
+    checkpoint = os.path.join(os.environ["HPCX_OUTPUT_DIR"], "checkpoint.bin")
+    try:
+        with open(checkpoint, "wb") as f:
+            for _ in range(int(os.environ["QUICK_CHECKPOINT_MB"])):
+                f.write(bytes(2**20))
+    except OSError:
+        os.unlink(checkpoint)  # a partial checkpoint is of no use
+        raise
 with open(os.path.join(os.environ["HPCX_OUTPUT_DIR"], "weights.json"), "w") as f:
     json.dump({"x": x}, f)
 sys.exit(0)
