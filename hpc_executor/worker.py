@@ -170,15 +170,15 @@ class TrialRunner:
         copy_baseline(self.env.baseline_dir, self.evaluator)  # pristine: never the workspace's copy
         metrics_path = self.dir / "metrics.json"
         metrics_path.unlink(missing_ok=True)
+        eval_vars = {
+            "HPCX_WORKSPACE": str(self.workspace),
+            "HPCX_METRICS_PATH": str(metrics_path),
+            "HPCX_TRAIN_SECONDS": str(train_seconds),  # time to target from the worker's clock
+        }
         evaluation = run_in_group(
             self.env.command(self.env.cfg.eval_command),
             cwd=self.evaluator,
-            env=scrubbed_environ(
-                os.environ,
-                env_vars
-                | {"HPCX_WORKSPACE": str(self.workspace), "HPCX_METRICS_PATH": str(metrics_path),
-                   "HPCX_TRAIN_SECONDS": str(train_seconds)},  # fmt: skip
-            ),
+            env=scrubbed_environ(os.environ, env_vars | eval_vars),
             log_path=self.dir / EVAL_LOG,
             limit_s=self.env.cfg.eval_limit_s,
         )

@@ -18,8 +18,8 @@ from hpc_executor.types import Result, Status
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_env_nanogpt import BASELINE as NANOGPT_BASELINE  # noqa: E402
-from test_env_nanogpt import nanogpt_cpu_env, synthetic_data  # noqa: E402, F401  (a fixture)
+from test_env_nanogpt import BASELINE as NANOGPT_BASELINE
+from test_env_nanogpt import nanogpt_cpu_env, synthetic_data  # noqa: F401  (a fixture)
 
 
 def run(tmp_path: Path, env: dict, diff: str = "") -> tuple[Result, float]:
@@ -44,7 +44,9 @@ def edit(baseline: Path, name: str, old: str, new: str) -> str:
 
 
 def test_the_kill_comes_at_the_budget_plus_the_margin_never_past_the_hard_limit() -> None:
-    assert Environment(quick_env_config(budget_s=5, hard_limit_s=10)).train_limit_s == 10  # no margin: hard limit
+    assert (
+        Environment(quick_env_config(budget_s=5, hard_limit_s=10)).train_limit_s == 10
+    )  # no margin: hard limit
     assert Environment(quick_env_config(budget_s=5, save_margin_s=2, hard_limit_s=10)).train_limit_s == 7
     assert Environment(quick_env_config(budget_s=5, save_margin_s=20, hard_limit_s=10)).train_limit_s == 10
     with pytest.raises(ConfigError, match="save_margin_s"):
@@ -52,7 +54,9 @@ def test_the_kill_comes_at_the_budget_plus_the_margin_never_past_the_hard_limit(
 
 
 def test_training_past_the_budget_is_killed_at_budget_plus_margin(tmp_path: Path) -> None:
-    env = quick_env_config(budget_s=1, save_margin_s=1, hard_limit_s=60, **{"extra_env": {"QUICK_SLEEP_S": "30"}})
+    env = quick_env_config(
+        budget_s=1, save_margin_s=1, hard_limit_s=60, **{"extra_env": {"QUICK_SLEEP_S": "30"}}
+    )
     result, took = run(tmp_path, env)
     assert result.status is Status.TIMEOUT and result.reward is None
     assert "budget of 1s + 1s" in result.reason

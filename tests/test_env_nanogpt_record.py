@@ -38,7 +38,9 @@ def test_the_paper_model_has_the_records_124m_parameters_and_vocabulary() -> Non
     # By hand: wte 50257*768 + wpe 1024*768 + 12 blocks of (768*2304 + 768*768 + 2 * 768*3072); the
     # head is the tied wte, and RMSNorm has no gains.
     per_block = 768 * 2304 + 768 * 768 + 2 * 768 * 3072
-    assert sum(p.numel() for p in model.parameters()) == 50257 * 768 + 1024 * 768 + 12 * per_block == 124_318_464
+    assert (
+        sum(p.numel() for p in model.parameters()) == 50257 * 768 + 1024 * 768 + 12 * per_block == 124_318_464
+    )
 
 
 def test_linears_keep_pytorchs_default_init_and_only_embeddings_are_normal_002() -> None:
@@ -96,7 +98,13 @@ def test_attention_output_is_scaled_by_one_over_sqrt_two_n_layer_in_forward_and_
 )
 def test_the_paper_schedule_is_the_records(step: int, multiplier: float) -> None:
     hp = train_gpt.PRESETS["paper"]
-    assert (hp.lr, hp.warmup_steps, hp.num_steps, hp.betas, hp.weight_decay) == (0.0015, 256, 26_880, (0.9, 0.95), 0.1)
+    assert (hp.lr, hp.warmup_steps, hp.num_steps, hp.betas, hp.weight_decay) == (
+        0.0015,
+        256,
+        26_880,
+        (0.9, 0.95),
+        0.1,
+    )
     assert train_gpt.lr_multiplier(step, hp) == pytest.approx(multiplier, rel=1e-12)
 
 
