@@ -82,8 +82,7 @@ def hendrycks_normalize(text: str) -> str:
         s = parts[1]
     s = re.sub(r"\\sqrt([^{\\])", r"\\sqrt{\1}", s)  # \sqrt3 -> \sqrt{3}
     s = s.replace(" ", "")
-    s = re.sub(r"\\frac([^{\\])([^{\\])", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
-    s = re.sub(r"\\frac([^{\\])\{", r"\\frac{\1}{", s)  # \frac1{72} -> \frac{1}{72}
+    s = _brace_short_fracs(s)
     if s == "0.5":
         s = "\\frac{1}{2}"
     if m := re.fullmatch(r"(-?\d+)/(\d+)", s):
@@ -123,6 +122,7 @@ def prm_normalize(text: str) -> str:
 def latex_to_plain(s: str) -> str:
     """Enough LaTeX-to-text for MATH answers: fractions, roots and a few symbols become sympy syntax."""
     s = s.replace("\\tfrac", "\\frac").replace("\\dfrac", "\\frac")
+    s = _brace_short_fracs(s)
     group = r"\{([^{}]*)\}"
     while re.search(r"\\frac" + group + group, s):
         s = re.sub(r"\\frac" + group + group, lambda m: f" {_atom(m[1])}/{_atom(m[2])}", s)
@@ -134,6 +134,12 @@ def latex_to_plain(s: str) -> str:
         s = s.replace(latex, plain)
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     return s.strip()
+
+
+def _brace_short_fracs(s: str) -> str:
+    """\\frac12 -> \\frac{1}{2} and \\frac1{72} -> \\frac{1}{72}."""
+    s = re.sub(r"\\frac([^{\\\s])([^{\\\s])", r"\\frac{\1}{\2}", s)
+    return re.sub(r"\\frac([^{\\\s])\{", r"\\frac{\1}{", s)
 
 
 def _atom(expr: str) -> str:
