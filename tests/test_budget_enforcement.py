@@ -70,19 +70,23 @@ def test_the_recorded_training_time_is_the_workers_measurement(tmp_path: Path) -
     assert 1.0 <= result.metrics["train_seconds"] < took
 
 
+def nanogpt_trial(tmp_path: Path, data: Path, old: str, new: str) -> tuple[Result, float]:
+    """The nanogpt_cpu baseline with one edit of train_gpt.py, through the worker: 4 s of budget + 3 s."""
+    diff = edit(NANOGPT_BASELINE, "train_gpt.py", old, new)
+    return run(tmp_path, nanogpt_cpu_env(data, budget_s=4, save_margin_s=3), diff)
+
+
 @pytest.mark.slow
 def test_a_nanogpt_diff_that_ignores_the_budget_is_cut_off_and_cannot_win(
     tmp_path: Path,
     synthetic_data: Path,  # noqa: F811
 ) -> None:
-    diff = edit(
-        NANOGPT_BASELINE,
-        "train_gpt.py",
+    result, took = nanogpt_trial(
+        tmp_path,
+        synthetic_data,
         "out_of_time = elapsed_s + step_time + hp.save_reserve_s >= budget_s",
         "out_of_time = False  # train until the step limit, whatever the budget",
     )
-    env = nanogpt_cpu_env(synthetic_data, budget_s=4, save_margin_s=3)
-    result, took = run(tmp_path, env, diff)
     assert result.status is Status.TIMEOUT and result.reward is None, result.reason
     assert "budget of 4s + 3s" in result.reason
     assert took < 40
@@ -93,14 +97,12 @@ def test_a_nanogpt_checkpoint_cannot_claim_a_shorter_training_time(
     tmp_path: Path,
     synthetic_data: Path,  # noqa: F811
 ) -> None:
-    diff = edit(
-        NANOGPT_BASELINE,
-        "train_gpt.py",
+    result, _ = nanogpt_trial(
+        tmp_path,
+        synthetic_data,
         '"model_config": dataclasses.asdict(hp.model),',
         '"model_config": dataclasses.asdict(hp.model),\n            "train_seconds": 0.5,',
     )
-    env = nanogpt_cpu_env(synthetic_data, budget_s=4, save_margin_s=3)
-    result, _ = run(tmp_path, env, diff)
     assert result.status in (Status.OK, Status.INVALID_RESULT), result.reason
     measured = result.metrics["train_seconds"]
     assert measured > 2.0, "the worker's clock, not the checkpoint's 0.5 s"

@@ -3,32 +3,18 @@ gain-free RMSNorm, vocabulary), its learning-rate schedule, and the evaluator's 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-BASELINE = Path(__file__).resolve().parents[1] / "environments" / "nanogpt" / "baseline"
+sys.path.insert(0, str(Path(__file__).parent))
+from test_env_nanogpt import evaluate, load, model_mod  # the baseline's files, imported by name
+
 SMALL = {"vocab_size": 512, "block_size": 32, "n_layer": 3, "n_head": 2, "n_embd": 64}
-
-
-def load(name: str) -> ModuleType:
-    if str(BASELINE) not in sys.path:
-        sys.path.insert(0, str(BASELINE))
-    spec = importlib.util.spec_from_file_location(name, BASELINE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-model_mod = load("model")
 train_gpt = load("train_gpt")
-evaluate = load("evaluate")
 
 
 def test_the_paper_model_has_the_records_124m_parameters_and_vocabulary() -> None:
