@@ -344,7 +344,7 @@ def test_catalog_future_leak_is_caught_as_invalid_result(tmp_path: Path, synthet
     trial_dir = tmp_path / "trial"
     trial_dir.mkdir()
     (trial_dir / DIFF_FILE).write_text(entry["diff"])
-    TrialSpec("leak", str(trial_dir), nanogpt_cpu_env(synthetic_data, budget_s=12), seed=0).write()
+    TrialSpec("leak", str(trial_dir), nanogpt_cpu_env(synthetic_data), seed=0).write()
     run_trial(str(trial_dir))
     result = Result.from_json((trial_dir / RESULT_FILE).read_text())
     assert result.status is Status.INVALID_RESULT and result.reward is None
