@@ -51,6 +51,9 @@ class EnvConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     budget_s: int = MISSING  # training budget, exported as HPCX_TIME_BUDGET_S
     hard_limit_s: int = MISSING  # the worker kills the trial's process group here
+    # The worker enforces the budget itself: it kills training at budget_s + save_margin_s (the time
+    # to write the model after the budget), or at hard_limit_s if that comes first; None: hard_limit_s only
+    save_margin_s: int | None = None
     eval_limit_s: int = 600  # the same for the frozen evaluator
 
 

@@ -59,6 +59,19 @@ class Environment:
                 f"env.hard_limit_s ({self.cfg.hard_limit_s}) is below env.budget_s ({self.cfg.budget_s}): "
                 "every trial would be killed before its budget ends; raise hard_limit_s."
             )
+        if self.cfg.save_margin_s is not None and self.cfg.save_margin_s < 0:
+            raise ConfigError(
+                f"env.save_margin_s ({self.cfg.save_margin_s}) is negative: it is the time training gets after "
+                "env.budget_s to save its model; use 0 or more, or null to kill only at env.hard_limit_s."
+            )
+
+    @property
+    def train_limit_s(self) -> float:
+        """When the worker kills training: the budget plus the margin for saving, never past the hard limit."""
+        margin = self.cfg.save_margin_s
+        if margin is None:
+            return float(self.cfg.hard_limit_s)
+        return float(min(self.cfg.hard_limit_s, self.cfg.budget_s + margin))
 
     @staticmethod
     def _resolve(path: str, base: Path) -> Path:

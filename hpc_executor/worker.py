@@ -149,15 +149,15 @@ class TrialRunner:
             cwd=self.workspace,
             env=scrubbed_environ(os.environ, env_vars),
             log_path=self.dir / TRAIN_LOG,
-            limit_s=self.env.cfg.hard_limit_s,
+            limit_s=self.env.train_limit_s,
         )
         if train.timed_out:
-            return self._result(
-                Status.TIMEOUT, reason=f"training killed at the hard limit of {self.env.cfg.hard_limit_s}s"
-            )
+            return self._result(Status.TIMEOUT, reason=self._train_kill_reason())
         if train.returncode != 0 and ran_out_of_space(self.dir / TRAIN_LOG, self.output):
             return self._result(Status.DISK_FULL, reason=f"training exited with code {train.returncode}: the disk "
                                 f"of {self.output} is full; it runs again when the run is resumed")  # fmt: skip
+        # The training time is the worker's own measurement: the editable script could report any number.
+        train_seconds = round(train.runtime_s, 3)
         if train.returncode != 0:
             return self._result(Status.CRASHED, reason=f"training exited with code {train.returncode}")
         # The trial runs as the user and could have written to the environment itself; the
@@ -179,13 +179,15 @@ class TrialRunner:
         copy_baseline(self.env.baseline_dir, self.evaluator)  # pristine: never the workspace's copy
         metrics_path = self.dir / "metrics.json"
         metrics_path.unlink(missing_ok=True)
+        eval_vars = {
+            "HPCX_WORKSPACE": str(self.workspace),
+            "HPCX_METRICS_PATH": str(metrics_path),
+            "HPCX_TRAIN_SECONDS": str(train_seconds),  # time to target from the worker's clock
+        }
         evaluation = run_in_group(
             self.env.command(self.env.cfg.eval_command),
             cwd=self.evaluator,
-            env=scrubbed_environ(
-                os.environ,
-                env_vars | {"HPCX_WORKSPACE": str(self.workspace), "HPCX_METRICS_PATH": str(metrics_path)},
-            ),
+            env=scrubbed_environ(os.environ, env_vars | eval_vars),
             log_path=self.dir / EVAL_LOG,
             limit_s=self.env.cfg.eval_limit_s,
         )
@@ -198,11 +200,18 @@ class TrialRunner:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             return self._result(Status.INVALID_RESULT, reason=f"no readable metrics: {exc}", log=EVAL_LOG)
-        metrics = {k: _json_safe(v) for k, v in metrics.items()}
+        metrics = {k: _json_safe(v) for k, v in metrics.items()} | {"train_seconds": train_seconds}
         outcome = self.env.reward(metrics)
         if outcome.reward is None:
             return self._result(Status.INVALID_RESULT, reason=outcome.problem, metrics=metrics, log=EVAL_LOG)
         return self._result(Status.OK, reward=outcome.reward, metrics=metrics)
+
+    def _train_kill_reason(self) -> str:
+        cfg = self.env.cfg
+        if cfg.save_margin_s is not None and cfg.budget_s + cfg.save_margin_s <= cfg.hard_limit_s:
+            return (f"training killed at the budget of {cfg.budget_s}s + {cfg.save_margin_s}s to save (the worker "
+                    "enforces HPCX_TIME_BUDGET_S: training must stop and save by itself before then)")  # fmt: skip
+        return f"training killed at the hard limit of {cfg.hard_limit_s}s"
 
     def _baseline_changed(self) -> str:
         """Why the environment's baseline is not the one this trial was created for, or ""."""

@@ -45,6 +45,8 @@ def load_module(name: str, path: Path):
     return module
 
 
+if str(BASELINE) not in sys.path:  # grader.py imports its sibling math_equivalence.py
+    sys.path.insert(0, str(BASELINE))
 grader = load_module("grpo_env_grader", BASELINE / "grader.py")
 
 
@@ -101,8 +103,8 @@ def r1(answer: str) -> str:
         (r1("\\{2, 1\\}"), "\\{1,2\\}"),
     ],
 )
-def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) -> None:
-    assert grader.is_correct(response, truth)
+def test_lenient_grader_accepts_equivalent_formatted_answers(response: str, truth: str) -> None:
+    assert grader.is_correct(response, truth, "lenient")
 
 
 @pytest.mark.parametrize(
@@ -130,8 +132,8 @@ def test_grader_accepts_equivalent_formatted_answers(response: str, truth: str) 
         (r1("\\pm 1"), "1"),
     ],
 )
-def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) -> None:
-    assert not grader.is_correct(response, truth)
+def test_lenient_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) -> None:
+    assert not grader.is_correct(response, truth, "lenient")
 
 
 @pytest.mark.parametrize(
@@ -147,18 +149,22 @@ def test_grader_rejects_wrong_or_unformatted_answers(response: str, truth: str) 
         "1/0",
     ],
 )
-def test_grader_never_runs_or_stalls_on_model_output(payload: str) -> None:
+@pytest.mark.parametrize("mode", ["strict", "lenient"])
+def test_grader_never_runs_or_stalls_on_model_output(payload: str, mode: str) -> None:
     start = time.monotonic()
-    assert not grader.is_correct(r1(payload), "1")
+    assert not grader.is_correct(r1(payload), "1", mode)
     assert time.monotonic() - start < 3
 
 
-def test_extract_answer_takes_the_first_answer_block_and_its_box() -> None:
-    assert grader.extract_answer("a </think>  <answer> \\boxed{42} </answer> tail") == "42"
-    assert grader.extract_answer("a </think><answer> x = \\boxed{\\frac{1}{2}}.</answer>") == "\\frac{1}{2}"
-    assert grader.extract_answer("</think> <answer> 7 </answer> <answer> 8 </answer>") == "7"
-    assert grader.extract_answer("<think> no answer") is None
-    assert grader.extract_answer("</think> text <answer> 7 </answer>") is None  # text between the tags
+def test_lenient_extract_answer_takes_the_first_answer_block_and_its_box() -> None:
+    def extract(response: str) -> str | None:
+        return grader.extract_answer(response, "lenient")
+
+    assert extract("a </think>  <answer> \\boxed{42} </answer> tail") == "42"
+    assert extract("a </think><answer> x = \\boxed{\\frac{1}{2}}.</answer>") == "\\frac{1}{2}"
+    assert extract("</think> <answer> 7 </answer> <answer> 8 </answer>") == "7"
+    assert extract("<think> no answer") is None
+    assert extract("</think> text <answer> 7 </answer>") is None  # text between the tags
 
 
 @needs_transformers
@@ -359,18 +365,36 @@ def test_masked_normalize_divides_by_a_constant() -> None:
     assert loss_mod.masked_normalize(VALUES, MASK, 2.0, dim=0).tolist() == [2.5, 1.0, 0.0]  # 5/2, 2/2, 0
 
 
-def test_microbatch_train_step_backpropagates_the_scaled_mean() -> None:
-    # -A * log p with A [1, -2]: row 0 [1, 2, (3)], row 1 [-1, -3, -5]; response means (1 + 2) / 2 = 1.5 and
-    # (-1 - 3 - 5) / 3 = -3; their mean -0.75; over 2 accumulation steps -0.375.
+@pytest.mark.parametrize(
+    ("normalization", "expected_loss", "expected_grad"),
+    [
+        # -A * log p with A [1, -2]: row 0 [1, 2, (3)], row 1 [-1, -3, -5]. The paper's token mean: all 5
+        # response tokens, (1 + 2 - 1 - 3 - 5) / 5 = -1.2, over 2 accumulation steps -0.6; d loss / d log p
+        # = -A / (5 tokens * 2 steps): row 0 -0.1, row 1 0.2; the masked token gets 0.
+        ("token_mean", -0.6, [[-0.1, -0.1, 0.0], [0.2, 0.2, 0.2]]),
+        # Per response first: means (1 + 2) / 2 = 1.5 and (-1 - 3 - 5) / 3 = -3, their mean -0.75, over 2
+        # steps -0.375; the gradient is -A / (response length * 2 responses * 2 steps).
+        ("sequence_mean", -0.375, [[-0.125, -0.125, 0.0], [1 / 6, 1 / 6, 1 / 6]]),
+    ],
+)
+def test_microbatch_train_step_backpropagates_the_scaled_mean(
+    normalization: str, expected_loss: float, expected_grad: list[list[float]]
+) -> None:
     log_p = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     loss, meta = loss_mod.microbatch_train_step(
-        log_p, mask, 2, "reinforce_with_baseline", advantages=torch.tensor([1.0, -2.0])
+        log_p, mask, 2, "reinforce_with_baseline", normalization, advantages=torch.tensor([1.0, -2.0])
     )
-    assert loss.item() == pytest.approx(-0.375) and not loss.requires_grad and meta == {}
-    # d loss / d log p = -A / (response length * batch size * accumulation steps) on response tokens:
-    # row 0: -1 / (2 * 2 * 2) = -0.125; row 1: 2 / (3 * 2 * 2) = 0.16667; the masked token gets 0.
-    assert_values(log_p.grad, [[-0.125, -0.125, 0.0], [1 / 6, 1 / 6, 1 / 6]])
+    assert loss.item() == pytest.approx(expected_loss) and not loss.requires_grad and meta == {}
+    assert_values(log_p.grad, expected_grad)
+
+
+def test_microbatch_train_step_refuses_an_unknown_normalization() -> None:
+    log_p = torch.zeros(1, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="token_mean, sequence_mean"):
+        loss_mod.microbatch_train_step(
+            log_p, torch.ones(1, 2), 1, "no_baseline", "per_token", raw_rewards=torch.ones(1)
+        )
 
 
 def test_microbatch_train_step_reports_the_clip_fraction() -> None:
@@ -382,7 +406,7 @@ def test_microbatch_train_step_reports_the_clip_fraction() -> None:
         clip_range=0.2,
     )  # fmt: skip
     assert meta["clip_fraction"].item() == 0.5
-    # loss: row means (-1.2 - 0.5) / 2 = -0.85 and (1.5 + 0.8) / 2 = 1.15, batch mean 0.15.
+    # loss: the token mean of -1.2, -0.5, 1.5 and 0.8 is 0.15.
     assert loss.item() == pytest.approx(0.15)
 
 
@@ -520,7 +544,7 @@ def test_cpu_preset_trains_and_hands_over_its_best_policy(cpu_data: Path, tmp_pa
     assert any(e["grad_norm"] > 0 for e in steps) and 0 < max(e["reward_mean"] for e in steps) < 1
     assert events[0]["backend"] == "hf" and events[-1]["event"] == "done"
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [2, 4]
+    assert [e["step"] for e in evals] == [0, 2, 4]  # the paper's cadence: before steps 0, 2 and 4
     best = max(evals, key=lambda e: (e["accuracy"], e["step"]))  # a tie goes to the later step
     saved = next(e for e in events if e["event"] == "policy_saved")
     assert (saved["step"], saved["eval_accuracy"]) == (best["step"], best["accuracy"])
@@ -537,9 +561,13 @@ def test_cpu_preset_trains_and_hands_over_its_best_policy(cpu_data: Path, tmp_pa
 @pytest.mark.slow
 def test_out_of_budget_training_still_hands_over_a_policy(cpu_data: Path, tmp_path: Path) -> None:
     result, out = run_cpu_trial(cpu_data, tmp_path, budget_s=0)
-    assert '"event": "budget_stop"' in result.stdout and '"event": "eval"' not in result.stdout
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events if e["event"] in ("eval", "step", "budget_stop")] == [
+        "eval",
+        "budget_stop",
+    ]
     assert [p.name for p in out.iterdir()] == ["policy"]
-    # Nothing was trained or evaluated: the starting policy is handed over, and scored.
+    # Nothing was trained: the starting policy (evaluated before step 0) is handed over, and scored.
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)
     assert rc == 0 and metrics["n_problems"] == 32, stderr
 
@@ -719,14 +747,18 @@ def test_test_answers_written_by_the_training_earn_nothing(cpu_data: Path, tmp_p
     out = trial_dir / "output"
     answers = [json.loads(line)["answer"] for line in (cpu_data / "test.jsonl").read_text().splitlines()]
     hacked = sorted(out.glob("eval_step_*.jsonl"))
-    assert [p.name for p in hacked] == ["eval_step_2.jsonl", "eval_step_4.jsonl"]
+    assert [p.name for p in hacked] == ["eval_step_0.jsonl", "eval_step_2.jsonl", "eval_step_4.jsonl"]
     for path in hacked:  # every written answer is right: graded as files, this was 100%
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == 32 and all(grader.is_correct(r["output"], answers[r["index"]]) for r in rows)
     events = [
         json.loads(line) for line in (trial_dir / TRAIN_LOG).read_text().splitlines() if line[:1] == "{"
     ]
-    assert [e["accuracy"] for e in events if e["event"] == "eval"] == [1.0, 1.0]  # what the training claims
+    assert [e["accuracy"] for e in events if e["event"] == "eval"] == [
+        1.0,
+        1.0,
+        1.0,
+    ]  # what the training claims
     assert result.reward == result.metrics["accuracy"] < 1.0
     # Exactly what the handed-over policy earns: evaluated again on its own, the same accuracy.
     rc, metrics, stderr = evaluate(out, cpu_data, tmp_path)

@@ -263,7 +263,7 @@ def test_evaluator_refuses_a_model_without_kv_cache(tmp_path: Path, synthetic_da
     assert not (tmp_path / "m.json").exists()
 
 
-def test_time_to_target_is_the_checkpoint_training_time_when_reached() -> None:
+def test_time_to_target_is_the_measured_training_time_when_reached() -> None:
     reached = evaluate.target_metrics(3.2, 1412.5, 3.28)
     assert reached == {
         "target_loss": 3.28,
@@ -321,10 +321,10 @@ def test_cpu_preset_trains_and_evaluates(tmp_path: Path, synthetic_data: Path) -
     floor = json.loads((synthetic_data / "synthetic_meta.json").read_text())["val_entropy_nats"]
     assert floor < metrics["val_loss"] < math.log(512)
     assert metrics["future_leak"] is False
-    # The checkpoint's training time, reported as the time to the target when the loss reaches it.
+    # Run by hand (no worker), there is no measured training time, so no time to the target.
     summary = json.loads(log.splitlines()[-1].removeprefix("summary "))
-    assert 0 < metrics["train_seconds"] == pytest.approx(summary["train_seconds"], abs=0.01)
-    assert metrics["train_seconds"] < budget and summary["steps"] > 10 and summary["tokens_per_s"] > 0
+    assert metrics["train_seconds"] is None and metrics["time_to_target_s"] is None
+    assert summary["train_seconds"] < budget and summary["steps"] > 10 and summary["tokens_per_s"] > 0
     assert metrics["reached_target"] is (metrics["val_loss"] <= evaluate.PRESETS["cpu"].target_loss)
 
 
@@ -344,7 +344,7 @@ def test_catalog_future_leak_is_caught_as_invalid_result(tmp_path: Path, synthet
     trial_dir = tmp_path / "trial"
     trial_dir.mkdir()
     (trial_dir / DIFF_FILE).write_text(entry["diff"])
-    TrialSpec("leak", str(trial_dir), nanogpt_cpu_env(synthetic_data, budget_s=12), seed=0).write()
+    TrialSpec("leak", str(trial_dir), nanogpt_cpu_env(synthetic_data), seed=0).write()
     run_trial(str(trial_dir))
     result = Result.from_json((trial_dir / RESULT_FILE).read_text())
     assert result.status is Status.INVALID_RESULT and result.reward is None

@@ -1,14 +1,26 @@
 """The r1-zero format: the prompt that asks for it and the grading of answers in it (protected:
 ideas never edit this file; training and the frozen evaluator both import it).
 
-A response is *formatted* when it closes the reasoning with `</think>`, then opens `<answer>`
-(only whitespace in between) and closes it with `</answer>`. The graded answer is the text of that
-first answer block; if it holds `\\boxed{...}`, the box's content. Two answers are *equivalent* when
+Two graders, chosen by `GRPO_GRADER` (the environment's config sets it for training and evaluation):
+
+`strict` (the default: the paper's `drgrpo_grader.py`, on which its 48.0% rests). A response is
+*formatted* when it contains the literal `</think> <answer>` (one space) and `</answer>`. The graded
+answer is the text after the LAST `<answer>` with `</answer>` removed; if it holds `\\boxed{...}`, the
+box's content (a box that does not close: formatted, never correct). Equivalence is the paper's:
+math_equivalence.py (normalised strings, then sympy with unreduced fractions, integers and tuples
+kept strict).
+
+`lenient` (ours before, kept as an option). A response is *formatted* when it closes the reasoning
+with `</think>`, then opens `<answer>` (any whitespace or none in between) and closes it with
+`</answer>`. The graded answer is the text of that first answer block; if it holds `\\boxed{...}`, the
+box's content. Two answers are *equivalent* when
 math-verify says so: it parses both as LaTeX into sympy objects and compares them as numbers,
 expressions, intervals, sets, tuples, matrices or equations (`\\frac12` = `0.5` = `1/2`,
 `\\dfrac{3}{4}` = `\\frac{3}{4}`, `x = 5` = `5`, `2\\sqrt{3}` = `\\sqrt{12}`, `[1, 2)` != `(1, 2)`).
 
-This file's own code covers what math-verify does not do, or does not do safely here:
+It also accepts unreduced fractions (`\\frac{2}{4}` for `\\frac{1}{2}`), decimals close to a fraction
+and differing base subscripts, which the strict grader rejects. This file's own code covers what
+math-verify does not do, or does not do safely here:
 
 - The r1-zero format: math-verify finds answers anywhere in free text and knows no tags.
 - Words: math-verify reads a bare word as a product of one-letter symbols, so `yes` would equal
@@ -27,6 +39,7 @@ This file's own code covers what math-verify does not do, or does not do safely 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import threading
@@ -39,6 +52,7 @@ try:
     from math_verify import LatexExtractionConfig, parse, verify
 except ImportError as exc:  # a missing grader must stop the evaluator, not grade everything wrong
     raise ImportError("grader.py needs math-verify: pip install 'math-verify[antlr4_9_3]'") from exc
+from math_equivalence import last_boxed, strictly_equivalent
 
 # Its timeouts are off (see above), and its per-answer warnings would flood the training log.
 logging.getLogger("math_verify").setLevel(logging.ERROR)
@@ -51,6 +65,7 @@ R1_ZERO_PROMPT = (
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>.\nUser: {question}\nAssistant: <think>"
 )
+GRADERS = ("strict", "lenient")
 FORMAT_RE = re.compile(r"</think>\s*<answer>(.*?)</answer>", re.DOTALL)
 LATEX_ONLY = [LatexExtractionConfig(boxed_match_priority=0)]
 MAX_ANSWER_CHARS = 200  # longer "answers" are never a MATH answer; don't spend sympy time on them
@@ -59,8 +74,23 @@ TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mbox)\{([^{}]*)\}"
 WORDS_RE = re.compile(r"[A-Za-z]{2,}(?: [A-Za-z]+)*|[A-Za-z]+(?: [A-Za-z]+)+")
 
 
-def extract_answer(response: str) -> str | None:
+def grader_mode(mode: str | None = None) -> str:
+    """`mode`, or GRPO_GRADER, or strict; an unknown name stops the run instead of grading wrong."""
+    mode = mode or os.environ.get("GRPO_GRADER") or "strict"
+    if mode not in GRADERS:
+        raise ValueError(f"GRPO_GRADER={mode!r}: choose one of {', '.join(GRADERS)}")
+    return mode
+
+
+def extract_answer(response: str, mode: str | None = None) -> str | None:
     """The graded answer of a response, or None if the response is not in the r1-zero format."""
+    if grader_mode(mode) == "strict":
+        if "</think> <answer>" not in response or "</answer>" not in response:
+            return None
+        answer = response.split("<answer>")[-1].replace("</answer>", "")
+        if "\\boxed" not in answer:
+            return answer.strip()
+        return (last_boxed(answer) or "").strip()  # a box that does not close: nothing to grade
     match = FORMAT_RE.search(response)
     if match is None:
         return None
@@ -68,10 +98,21 @@ def extract_answer(response: str) -> str | None:
     return extract_boxed_content(match.group(1)).strip()
 
 
-def is_correct(response: str, ground_truth: str) -> bool:
+def is_correct(response: str, ground_truth: str, mode: str | None = None) -> bool:
     """True only for a formatted response whose answer is equivalent to the ground truth."""
-    answer = extract_answer(response)
-    return answer is not None and answers_equivalent(answer, ground_truth)
+    mode = grader_mode(mode)
+    answer = extract_answer(response, mode)
+    if answer is None:
+        return False
+    if mode == "strict":
+        if len(answer) > MAX_ANSWER_CHARS or len(ground_truth) > MAX_ANSWER_CHARS:
+            return answer.strip() == ground_truth.strip() != ""
+        try:
+            with _time_limit(TIMEOUT_S):
+                return strictly_equivalent(answer, ground_truth)
+        except _GradingTimeout:
+            return False
+    return answers_equivalent(answer, ground_truth)
 
 
 def answers_equivalent(answer: str, ground_truth: str) -> bool:

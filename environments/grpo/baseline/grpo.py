@@ -2,10 +2,11 @@
 
 Each step samples `prompts_per_step` training problems, draws `group_size` responses per problem,
 rewards 1 for a correctly formatted and correct answer, turns rewards into group-normalised
-advantages and takes `train_batch_size`-sized optimizer steps over the rollouts with the clipped
-GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below). Every
-`eval_every` steps the policy answers all test problems once; the graded answers go to the log and
-choose the policy to hand over: at the end, the policy of the best such evaluation is saved to
+advantages and takes `train_batch_size`-sized optimizer steps over the rollouts in order with the
+clipped GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below).
+As in the paper, the policy answers all test problems once before steps 0, 2, ..., 18 (`eval_every`
+= 2; `eval_cadence`); the graded answers go to the log and choose the policy to hand over: at the
+end, the policy of the best such evaluation is saved to
 $HPCX_OUTPUT_DIR/policy/ (save_pretrained: weights, config, tokenizer). The reward is the frozen
 evaluator's own evaluation of that saved policy; nothing else this script writes is read.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
 import time
@@ -38,19 +40,27 @@ class Config:
     n_steps: int = 20
     prompts_per_step: int = 128
     group_size: int = 8
-    train_batch_size: int = 256  # responses per optimizer step: 4 steps per rollout batch, so clipping bites
+    # The paper's: 16 optimizer steps of 64 responses per rollout batch of 128 x 8, each 16 micro-batches
+    # of 4, taken in order.
+    train_batch_size: int = 64
     micro_batch_size: int = 4  # responses per forward/backward (gradient accumulation)
+    shuffle_rollouts: bool = False  # True: a random order of the rollouts per step
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = math.inf  # no clipping, as in the paper (the norm is still logged)
     loss_type: str = "grpo_clip"  # grpo_clip | reinforce_with_baseline | no_baseline (grpo_loss.py)
+    loss_normalization: str = "token_mean"  # token_mean (the paper's) | sequence_mean (grpo_loss.py)
     clip_range: float = 0.2
     advantage_eps: float = 1e-6
     use_std_normalization: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 1024
     eval_every: int = 2
+    # before: evaluate the policy before steps 0, eval_every, ... (the paper's: the candidates are the
+    # policies after 0, 2, ..., 18 updates, and no step is trained that no evaluation would see);
+    # after: after steps eval_every, 2 * eval_every, ... and after the last one.
+    eval_cadence: str = "before"
     eval_temperature: float = 1.0
     hf_generate_batch: int = 64  # prompts per HF generate call (the vLLM path batches itself)
     vllm_gpu_memory_utilization: float = 0.55
@@ -64,7 +74,7 @@ PRESETS = {
     # `prepare_data.py --synthetic --tiny-model` under the data directory.
     "cpu": Config(
         model="",
-        n_steps=4,
+        n_steps=5,  # with the paper's cadence: evaluations before steps 0, 2 and 4, four steps trained
         prompts_per_step=4,
         group_size=4,
         train_batch_size=8,
@@ -81,6 +91,8 @@ def load_config(data_dir: Path) -> Config:
     if preset not in PRESETS:
         raise SystemExit(f"unknown GRPO_PRESET {preset!r}: choose one of {sorted(PRESETS)}")
     cfg = PRESETS[preset]
+    if cfg.eval_cadence not in ("before", "after"):
+        raise SystemExit(f"eval_cadence {cfg.eval_cadence!r}: choose before or after")
     model = os.environ.get("GRPO_MODEL") or cfg.model or str(data_dir / "tiny_model")
     return dataclasses.replace(cfg, model=model)
 
@@ -197,7 +209,8 @@ def train_on_rollouts(
     n = len(batch["labels"])
     old_log_probs = rollout_log_probs(policy, batch, cfg, device) if cfg.loss_type == "grpo_clip" else None
     losses, grad_norms, entropies, clip_fractions = [], [], [], []
-    for chunk in torch.randperm(n).split(cfg.train_batch_size):
+    order = torch.randperm(n) if cfg.shuffle_rollouts else torch.arange(n)
+    for chunk in order.split(cfg.train_batch_size):
         optimizer.zero_grad(set_to_none=True)
         chunk_loss = 0.0
         for idx in chunk.split(cfg.micro_batch_size):
@@ -210,6 +223,7 @@ def train_on_rollouts(
                 # the chunk is len(chunk) / len(idx) micro-batches of this size: the sum is the chunk's mean
                 gradient_accumulation_steps=len(chunk) / len(idx),
                 loss_type=cfg.loss_type,
+                normalization=cfg.loss_normalization,
                 raw_rewards=raw_rewards[idx].to(device),
                 advantages=advantages[idx].to(device),
                 old_log_probs=None if old_log_probs is None else old_log_probs[idx, :width].to(device),
@@ -319,7 +333,7 @@ def main() -> None:
     start_time = time.monotonic()
     output_dir = Path(os.environ["HPCX_OUTPUT_DIR"])
     data_dir = Path(os.environ["HPCX_DATA_DIR"])
-    budget_s = float(os.environ.get("HPCX_TIME_BUDGET_S", "3300"))
+    budget_s = float(os.environ.get("HPCX_TIME_BUDGET_S", "3540"))
     seed = int(os.environ.get("HPCX_SEED", "0"))
     torch.set_num_threads(int(os.environ.get("HPCX_CPUS", "1")))
     cfg = load_config(data_dir)
@@ -337,10 +351,16 @@ def main() -> None:
 
     rng = random.Random(seed)
     step_s, eval_s = 0.0, None
-    completed, last_eval, best = 0, 0, BestPolicy()
-    for step in range(1, cfg.n_steps + 1):
+    completed, last_eval, best = 0, None, BestPolicy()
+    before = cfg.eval_cadence == "before"
+    last_scheduled = (cfg.n_steps - 1) // cfg.eval_every * cfg.eval_every  # the last "before" evaluation
+    for updates in range(cfg.n_steps):  # `updates` optimizer steps taken so far
+        if before and updates % cfg.eval_every == 0:
+            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, updates, best), updates
+            if updates >= last_scheduled:
+                break  # no evaluation would see more training
         # Stop while a step and an evaluation still fit: only an evaluated step can be handed over.
-        # Saving the policy fits in the margin between the budget and the hard limit.
+        # Saving the policy fits in the margin between the budget and the worker's kill.
         expected_eval_s = eval_s if eval_s is not None else step_s / 2
         if time.monotonic() - start_time + step_s + expected_eval_s > budget_s:
             log(event="budget_stop", completed_steps=completed)
@@ -348,10 +368,10 @@ def main() -> None:
         stats = grpo_step(
             policy, optimizer, generator, tokenizer, rng.sample(train, cfg.prompts_per_step), cfg, device
         )
-        completed, step_s = step, max(step_s, stats["seconds"])
-        log(event="step", step=step, **stats)
-        if step % cfg.eval_every == 0:
-            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, step, best), step
+        completed, step_s = updates + 1, max(step_s, stats["seconds"])
+        log(event="step", step=completed, **stats)
+        if not before and completed % cfg.eval_every == 0:
+            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, completed, best), completed
     if last_eval != completed:  # the last step may be the best
         evaluate_and_keep(policy, generator, test, cfg, completed, best)
     save_policy(policy, best, tokenizer, output_dir / "policy")

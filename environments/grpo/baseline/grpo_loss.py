@@ -12,6 +12,9 @@ from collections.abc import Callable
 import torch
 
 LOSS_TYPES = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
+# token_mean: the masked mean over every response token of the micro-batch (the paper's: a long
+# response weighs more); sequence_mean: each response's token mean, then the mean over responses.
+LOSS_NORMALIZATIONS = ("token_mean", "sequence_mean")
 
 
 def group_normalized_rewards(
@@ -128,19 +131,27 @@ def microbatch_train_step(
     response_mask: torch.Tensor,
     gradient_accumulation_steps: float,
     loss_type: str,
+    normalization: str = "token_mean",
     **loss_inputs: torch.Tensor | float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Backward pass of one micro-batch: the per-token loss of `loss_type` (loss_inputs are what
-    policy_gradient_loss takes for it: raw_rewards, advantages, old_log_probs, clip_range) is averaged
-    over each response's tokens, then over the responses, and divided by gradient_accumulation_steps
-    (the optimizer batch is that many micro-batches of this size, so the accumulated gradient is the
-    optimizer batch's mean).
+    policy_gradient_loss takes for it: raw_rewards, advantages, old_log_probs, clip_range) is reduced
+    as `normalization` says (LOSS_NORMALIZATIONS) and divided by gradient_accumulation_steps (the
+    optimizer batch is that many micro-batches of this size).
 
     Returns the loss that was back-propagated (detached) and the loss's metadata, with `clip_fraction`
     (the share of response tokens that were clipped) for grpo_clip.
     """
     token_loss, metadata = policy_gradient_loss(policy_log_probs, loss_type, **loss_inputs)
-    loss = masked_mean(token_loss, response_mask, dim=1).mean() / gradient_accumulation_steps
+    if normalization == "token_mean":
+        reduced = masked_mean(token_loss, response_mask)
+    elif normalization == "sequence_mean":
+        reduced = masked_mean(token_loss, response_mask, dim=1).mean()
+    else:
+        raise ValueError(
+            f"unknown normalization {normalization!r}: choose one of {', '.join(LOSS_NORMALIZATIONS)}"
+        )
+    loss = reduced / gradient_accumulation_steps
     loss.backward()
     if "clipped" in metadata:
         metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)

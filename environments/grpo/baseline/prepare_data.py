@@ -2,7 +2,8 @@
 
 Real data (paper scale, needs network and the `datasets` package):
     HPCX_DATA_DIR=... python prepare_data.py
-writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution)
+writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution; the
+few solutions without one are kept with an empty answer, as the paper's data does)
 and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line:
 {"problem", "solution", "answer"}.
 
@@ -20,8 +21,11 @@ import json
 import os
 import random
 import sys
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
+
+from math_equivalence import last_boxed
 
 MATH_TRAIN = "EleutherAI/hendrycks_math"  # the 7 MATH subjects, 7,500 training problems in all
 MATH_SUBJECTS = [
@@ -40,23 +44,6 @@ TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 WARM_START_STEPS, WARM_START_BATCH = 300, 16
 
 
-def last_boxed(solution: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in a MATH solution, braces matched."""
-    start = max(solution.rfind("\\boxed{"), solution.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i = solution.index("{", start)
-    depth = 0
-    for j in range(i, len(solution)):
-        if solution[j] == "{":
-            depth += 1
-        elif solution[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return solution[i + 1 : j]
-    return None
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as f:
@@ -65,16 +52,31 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def math_rows(examples: Iterable[tuple[str, dict]]) -> list[dict]:
+    """Training rows of (subject, MATH example) pairs, answer = the solution's last \\boxed{}. All are
+    kept, as in the paper: a solution without a box gets an empty answer, which nothing equals
+    (reward 0 for every response); how many there are is printed."""
+    rows, unboxed = [], []
+    for subject, ex in examples:
+        answer = last_boxed(ex["solution"])
+        if answer is None:
+            unboxed.append(subject)
+        rows.append({"problem": ex["problem"], "solution": ex["solution"], "answer": answer or ""})
+    if unboxed:
+        print(
+            f"{len(unboxed)} of {len(rows)} training solutions have no \\boxed{{}} answer "
+            f"({', '.join(sorted(set(unboxed)))}): kept with an empty answer (reward 0)",
+            flush=True,
+        )
+    return rows
+
+
 def prepare_math(out: Path) -> None:
     from datasets import load_dataset  # only the real path needs it (and the network)
 
-    train = []
-    for subject in MATH_SUBJECTS:
-        for ex in load_dataset(MATH_TRAIN, subject, split="train"):
-            answer = last_boxed(ex["solution"])
-            if answer is None:
-                raise SystemExit(f"no \\boxed answer in a {subject} training solution")
-            train.append({"problem": ex["problem"], "solution": ex["solution"], "answer": answer})
+    train = math_rows(
+        (subject, ex) for subject in MATH_SUBJECTS for ex in load_dataset(MATH_TRAIN, subject, split="train")
+    )
     test = [
         {"problem": ex["problem"], "solution": ex["solution"], "answer": ex["answer"]}
         for ex in load_dataset(MATH_TEST, split="test")

@@ -1,6 +1,8 @@
-"""GPT-2 (124M) in the style of the first modded-nanogpt record.
+"""GPT-2 (124M) as in the first modded-nanogpt record (the paper's nanoGPT baseline).
 
-Learned position embeddings, RMSNorm, GELU MLP, tied input/output embeddings.
+Learned position embeddings, RMSNorm without learnable gains, GELU MLP, tied input/output
+embeddings, the attention output scaled by 1/sqrt(2 * n_layer), PyTorch's default initialisation
+for the linear layers and N(0, 0.02) for the embeddings.
 
 Two ways to run the model, which must stay equivalent:
 - ``model(idx, targets)``: the whole sequence at once with a causal mask (training);
@@ -21,7 +23,7 @@ from torch import nn
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128 for faster matmuls
+    vocab_size: int = 50257  # GPT-2's tokenizer, unpadded as in the record
     block_size: int = 1024  # longest sequence (learned position embeddings)
     n_layer: int = 12
     n_head: int = 12
@@ -37,14 +39,10 @@ class KVCache:
     pos: int = 0  # how many positions are filled
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+def rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / rms(x), computed in float32 and cast back; no learnable gain (the record has none)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,6 +53,9 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # The record divides the attention output by sqrt(2 * n_layer) in the forward pass (instead of
+        # GPT-2's scaled init of c_proj): the residual stream's variance stays ~constant with depth.
+        self.out_scale = 1.0 / math.sqrt(2 * config.n_layer)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -66,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self._qkv(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)) * self.out_scale
 
     def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
         """x: (B, 1, C), the token at position ``pos``; attends to cached positions 0..pos."""
@@ -76,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         v_cache[:, :, pos : pos + 1] = v
         # Everything in the cache is in the past (or the present), so no mask is needed.
         y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, 1, C))
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, 1, C)) * self.out_scale
 
 
 class MLP(nn.Module):
@@ -86,24 +87,22 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(F.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(rmsnorm(x))
+        return x + self.mlp(rmsnorm(x))
 
     def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int) -> torch.Tensor:
-        x = x + self.attn.decode(self.ln_1(x), k_cache, v_cache, pos)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn.decode(rmsnorm(x), k_cache, v_cache, pos)
+        return x + self.mlp(rmsnorm(x))
 
 
 class GPT(nn.Module):
@@ -113,19 +112,12 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections down so the residual stream's variance stays ~constant.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # Linear layers keep PyTorch's default init; only the embeddings (the tied head with them)
+        # are drawn from N(0, 0.02), as in the record.
+        for embedding in (self.wte, self.wpe):
+            nn.init.normal_(embedding.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) without targets; the mean cross-entropy with them."""
@@ -135,7 +127,7 @@ class GPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(rmsnorm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
@@ -158,7 +150,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cache.k[i], cache.v[i], pos)
         cache.pos = pos + 1
-        return self.lm_head(self.ln_f(x))[:, 0, :]
+        return self.lm_head(rmsnorm(x))[:, 0, :]
 
 
 def build_model(config: dict) -> GPT:
