@@ -5,7 +5,9 @@ models drift: they answer in JSON (bare or in a fenced block, a list or ``{"idea
 numbered or bulleted lists (``1. **Title**: text``), or under markdown headings (``## Idea 1:
 Title``), with prose around it. The formats are tried from the most to the least explicit and the
 first that yields ideas wins, so a stray list in the prose of an XML answer is never mistaken for
-ideas. Nothing here raises: an answer without ideas gives an empty list, and the caller records it.
+ideas. A list item that opens with a sentence instead of a title (``1. Use a cosine decay ...``) is
+an idea too: the item is its description, and the sentence's opening clause its title. Nothing here
+raises: an answer without ideas gives an empty list, and the caller records it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ _HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+(.+)$", re.MULTILINE)
 _TITLE_KEYS = ("title", "name", "idea", "headline")
 _DESCRIPTION_KEYS = ("description", "details", "summary", "rationale", "text", "body")
 MAX_TITLE_CHARS = 200
+# A list item of fewer words is a topic ("1. dropout"), not an idea the implementer could act on.
+MIN_SENTENCE_WORDS = 3
+MAX_DERIVED_TITLE_WORDS = 8
+# Where a sentence's opening clause ends: a comma, semicolon, colon, bracket, spaced dash or a full stop.
+_CLAUSE_END = re.compile(r"[,;:(\[]|[ \t][-–—][ \t]|[.!?](?:\s|$)")
+_WRAPPING_BOLD = re.compile(r"^\*\*([^*]+)\*\*$")
 
 
 def parse_ideas(text: str) -> list[Idea]:
@@ -142,10 +150,36 @@ def _items(text: str, matches: list[re.Match[str]]) -> list[str]:
 def _split_item(item: str) -> Idea:
     item = item.strip()
     bold = re.match(r"^(?:\*\*|__)(.+?)(?:\*\*|__)[ \t]*[:.–—-]?[ \t]*(.*)$", item, re.DOTALL)
-    if bold:
+    if bold and bold.group(2).strip():
         return _clean_title(bold.group(1)), bold.group(2).strip()
     first, _, rest = item.partition("\n")
     head, sep, tail = first.partition(": ")
     if sep and len(head) <= MAX_TITLE_CHARS:
         return _clean_title(head), (tail + "\n" + rest).strip()
-    return _clean_title(first), rest.strip()
+    if rest.strip() and not _is_sentence(first):
+        return _clean_title(first), rest.strip()
+    if len(item.split()) >= MIN_SENTENCE_WORDS:
+        description = _WRAPPING_BOLD.sub(r"\1", item)
+        return _title_from_sentence(description), description
+    return _clean_title(first), ""
+
+
+def _is_sentence(line: str) -> bool:
+    """A line that reads as a sentence, not a title: several words ending in a full stop, or too long
+    for a title."""
+    line = line.rstrip(" *_")
+    return len(line.split()) >= MIN_SENTENCE_WORDS and (
+        line.endswith((".", "!", "?")) or len(line) > MAX_TITLE_CHARS
+    )
+
+
+def _title_from_sentence(sentence: str) -> str:
+    """The opening clause, cut to a few words; the sentence's first words when that clause is too
+    short to name anything ("First, ...")."""
+    end = _CLAUSE_END.search(sentence)
+    words = (sentence[: end.start()] if end else sentence).split()
+    if len(words) < MIN_SENTENCE_WORDS:
+        words = sentence.split()
+    if len(words) > MAX_DERIVED_TITLE_WORDS:
+        return _clean_title(" ".join(words[:MAX_DERIVED_TITLE_WORDS])) + "…"
+    return _clean_title(" ".join(words))
