@@ -26,7 +26,7 @@ from hpc_executor.budget import CostMeter
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
-from hpc_executor.patching import apply_diff
+from hpc_executor.patching import apply_diff, check_answer_size
 from hpc_executor.types import Idea, Patch
 from hpc_executor.worker import copy_baseline
 
@@ -215,6 +215,7 @@ class Implementer:
 
     def check(self, answer: str) -> str:
         """Apply the answer's diff to a scratch copy of the baseline; returns the normalised diff."""
+        check_answer_size(answer)
         with tempfile.TemporaryDirectory(prefix="hpcx-check-") as tmp:
             workspace = Path(tmp) / "workspace"
             copy_baseline(self.env.baseline_dir, workspace)
