@@ -93,8 +93,8 @@ class Implementer:
     ) -> None:
         self.llm = llm
         self.env = env
-        self.samples = max(1, samples)
-        self.revisions = max(0, revisions)
+        self.samples = samples  # preflight rejects samples < 1 and revisions < 0
+        self.revisions = revisions
         self.thinking_budget = thinking_budget
         self.chains_at_once = CHAINS_PER_REQUEST * max(1, llm.spec.max_concurrency)
         self.meter = meter or CostMeter(None)
