@@ -643,7 +643,11 @@ def test_a_header_with_a_long_run_of_spaces_is_parsed_and_applies(workspace: Pat
             PatchFailed,
             "old name .* differ",
         ),
-        ("--- a/model.py\n+++ b/model.py" + " " * N + "2026\n@@ -1 +1 @@\n-a\n+b\n", PatchFailed, "old name .* differ"),
+        (
+            "--- a/model.py\n+++ b/model.py" + " " * N + "2026\n@@ -1 +1 @@\n-a\n+b\n",
+            PatchFailed,
+            "old name .* differ",
+        ),
         ("--- a/model.py\n+++ b/model.py\n@@ -1 +1" + " " * N + "x\n-a\n+b\n", PatchFailed, "malformed hunk"),
         (
             "--- a/" + "pkg/" * N + "x.py\n+++ b/" + "pkg/" * N + "x.py\n@@ -1 +1 @@\n-a\n+b\n",
