@@ -18,8 +18,12 @@ from typing import Any
 
 Idea = tuple[str, str]  # (title, description)
 
-_XML_IDEA = re.compile(r"<idea>(.*?)</idea>", re.DOTALL | re.IGNORECASE)
-_XML_FIELD = r"<{0}>(.*?)</{0}>"
+# Tags are found one by one and paired in order: a lazy "<idea>(.*?)</idea>" searched over an answer
+# of many unclosed tags takes quadratic time (20,000 "<idea>" took 24 s).
+_XML_TAGS = {name: re.compile(f"<(/?){name}>", re.IGNORECASE) for name in ("idea", "title", "description")}
+# Where decoding JSON is tried: each try may read to the end of the answer, so a degenerate answer
+# ("[1, [1, [1, ...") is not tried at every bracket.
+MAX_JSON_STARTS = 50
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.DOTALL)
 # "1. ", "2) ", "Idea 3:", "## Idea 4 -", "### 5." at the start of a line
 _NUMBERED = re.compile(
@@ -57,12 +61,26 @@ def _clean_title(title: str) -> str:
 
 def _from_xml(text: str) -> list[Idea]:
     ideas = []
-    for block in _XML_IDEA.findall(text):
-        title = re.search(_XML_FIELD.format("title"), block, re.DOTALL | re.IGNORECASE)
-        desc = re.search(_XML_FIELD.format("description"), block, re.DOTALL | re.IGNORECASE)
-        if title and desc:
-            ideas.append((_clean_title(title.group(1)), desc.group(1).strip()))
+    for block in _tagged(text, "idea"):
+        title, desc = (
+            next(iter(_tagged(block, "title")), None),
+            next(iter(_tagged(block, "description")), None),
+        )
+        if title is not None and desc is not None:
+            ideas.append((_clean_title(title), desc.strip()))
     return ideas
+
+
+def _tagged(text: str, name: str) -> list[str]:
+    """The text between each ``<name>`` and the first ``</name>`` after it, in one pass."""
+    found, opened = [], None
+    for tag in _XML_TAGS[name].finditer(text):
+        if not tag[1] and opened is None:
+            opened = tag.end()
+        elif tag[1] and opened is not None:
+            found.append(text[opened : tag.start()])
+            opened = None
+    return found
 
 
 def _from_json(text: str) -> list[Idea]:
@@ -79,7 +97,7 @@ def _json_values(text: str) -> list[Any]:
     """Every JSON array or object that starts at a '[' or '{' and parses, outermost first."""
     decoder = json.JSONDecoder()
     values, pos = [], 0
-    while True:
+    for _ in range(MAX_JSON_STARTS):
         starts = [i for i in (text.find("[", pos), text.find("{", pos)) if i >= 0]
         if not starts:
             return values
@@ -89,8 +107,11 @@ def _json_values(text: str) -> list[Any]:
         except json.JSONDecodeError:
             pos = start + 1
             continue
+        except RecursionError:  # nested deeper than Python's stack: no list of ideas, nor anything after
+            return values
         values.append(value)
         pos = end
+    return values
 
 
 def _ideas_in(value: Any) -> list[Idea]:
@@ -158,7 +179,7 @@ def _split_item(item: str) -> Idea:
         return _clean_title(head), (tail + "\n" + rest).strip()
     if rest.strip() and not _is_sentence(first):
         return _clean_title(first), rest.strip()
-    if len(item.split()) >= MIN_SENTENCE_WORDS:
+    if _word_count(item) >= MIN_SENTENCE_WORDS:
         description = _WRAPPING_BOLD.sub(r"\1", item)
         return _title_from_sentence(description), description
     return _clean_title(first), ""
@@ -168,9 +189,14 @@ def _is_sentence(line: str) -> bool:
     """A line that reads as a sentence, not a title: several words ending in a full stop, or too long
     for a title."""
     line = line.rstrip(" *_")
-    return len(line.split()) >= MIN_SENTENCE_WORDS and (
+    return _word_count(line) >= MIN_SENTENCE_WORDS and (
         line.endswith((".", "!", "?")) or len(line) > MAX_TITLE_CHARS
     )
+
+
+def _word_count(text: str) -> int:
+    """Words with a letter in them: list markers, numbers and dashes do not make a sentence."""
+    return sum(1 for word in text.split() if any(c.isalpha() for c in word))
 
 
 def _title_from_sentence(sentence: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from hpc_executor.idea_parsing import parse_ideas
+from hpc_executor.idea_parsing import MAX_JSON_STARTS, parse_ideas
 
 TWO = [("Cosine schedule", "Decay the learning rate."), ("Wider MLP", "Use 6x the width.")]
 
@@ -109,3 +111,35 @@ def test_the_asked_format_wins_over_one_sentence_items() -> None:
     assert parse_ideas(text) == [("Warmup", "Add warmup.")]
     as_json = f'Options:\n- {COSINE}\n```json\n[{{"title": "Warmup", "description": "Add warmup."}}]\n```'
     assert parse_ideas(as_json) == [("Warmup", "Add warmup.")]
+
+
+N = 50_000  # a degenerate answer (an LLM stuck repeating itself); quadratic parsing takes minutes
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize(
+    "text",
+    ["<idea>" * N, "<idea>" + "<title>" * N + "</idea>", "[" * N, '{"a": ' * N, "[1, " * N, "```x\n" * N,
+     "1. " * N, "- " * N + "x"],
+    ids=["unclosed ideas", "unclosed titles", "brackets", "nested objects", "nested lists", "fences",
+         "numbers", "bullets"],
+)  # fmt: skip
+def test_degenerate_answers_give_no_ideas_quickly_and_never_raise(text: str) -> None:
+    assert parse_ideas(text) == []
+
+
+@pytest.mark.timeout(15)
+def test_ideas_after_many_unclosed_tags_are_still_found() -> None:
+    text = "<idea>" * N + "<idea><title>A</title><description>x</description></idea>"
+    assert parse_ideas(text) == [("A", "x")]
+
+
+def test_json_is_tried_at_a_bounded_number_of_brackets(monkeypatch: pytest.MonkeyPatch) -> None:
+    tries = []
+    raw_decode = json.JSONDecoder.raw_decode
+    monkeypatch.setattr(
+        json.JSONDecoder, "raw_decode", lambda self, s, idx=0: tries.append(idx) or raw_decode(self, s, idx)
+    )
+    # each try could read on to the end of the answer: trying at every bracket is quadratic
+    parse_ideas("[x " * 10_000)
+    assert 0 < len(tries) <= MAX_JSON_STARTS
