@@ -62,12 +62,9 @@ def _clean_title(title: str) -> str:
 def _from_xml(text: str) -> list[Idea]:
     ideas = []
     for block in _tagged(text, "idea"):
-        title, desc = (
-            next(iter(_tagged(block, "title")), None),
-            next(iter(_tagged(block, "description")), None),
-        )
-        if title is not None and desc is not None:
-            ideas.append((_clean_title(title), desc.strip()))
+        titles, descriptions = _tagged(block, "title"), _tagged(block, "description")
+        if titles and descriptions:
+            ideas.append((_clean_title(titles[0]), descriptions[0].strip()))
     return ideas
 
 
@@ -206,6 +203,5 @@ def _title_from_sentence(sentence: str) -> str:
     words = (sentence[: end.start()] if end else sentence).split()
     if len(words) < MIN_SENTENCE_WORDS:
         words = sentence.split()
-    if len(words) > MAX_DERIVED_TITLE_WORDS:
-        return _clean_title(" ".join(words[:MAX_DERIVED_TITLE_WORDS])) + "…"
-    return _clean_title(" ".join(words))
+    title = _clean_title(" ".join(words[:MAX_DERIVED_TITLE_WORDS]))
+    return title + "…" if title and len(words) > MAX_DERIVED_TITLE_WORDS else title
