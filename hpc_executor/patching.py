@@ -25,8 +25,9 @@ regular files whose paths (every side, rename and copy sources included) are edi
 protected. Rejected, with a reason naming the path: absolute paths, ``..`` components, paths in
 ``.git``, control characters, paths over 4096 bytes or with a component over 255 (no filesystem
 holds them), binary patches, symlinks (mode 120000 in the diff, or a symlink on the way to the file
-in the workspace), submodules, and every mode change. New files must be mode 100644: the run command is an argv like ``{python} train.py``, so no idea needs an executable
-bit, and an executable file is one more thing that could run. Deleting an executable is allowed.
+in the workspace), submodules, and every mode change. New files must be mode 100644: the run
+command is an argv like ``{python} train.py``, so no idea needs an executable bit, and an
+executable file is one more thing that could run. Deleting an executable is allowed.
 
 Pattern semantics (``path_matches``): patterns are posix paths relative to the baseline root;
 ``*``, ``?`` and ``[...]`` match within one path component (``fnmatch``), ``**`` spans any number
