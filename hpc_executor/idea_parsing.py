@@ -5,7 +5,9 @@ models drift: they answer in JSON (bare or in a fenced block, a list or ``{"idea
 numbered or bulleted lists (``1. **Title**: text``), or under markdown headings (``## Idea 1:
 Title``), with prose around it. The formats are tried from the most to the least explicit and the
 first that yields ideas wins, so a stray list in the prose of an XML answer is never mistaken for
-ideas. Nothing here raises: an answer without ideas gives an empty list, and the caller records it.
+ideas. A list item that opens with a sentence instead of a title (``1. Use a cosine decay ...``) is
+an idea too: the item is its description, and the sentence's opening clause its title. Nothing here
+raises: an answer without ideas gives an empty list, and the caller records it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from typing import Any
 
 Idea = tuple[str, str]  # (title, description)
 
-_XML_IDEA = re.compile(r"<idea>(.*?)</idea>", re.DOTALL | re.IGNORECASE)
-_XML_FIELD = r"<{0}>(.*?)</{0}>"
+# Tags are found one by one and paired in order: a lazy "<idea>(.*?)</idea>" searched over an answer
+# of many unclosed tags takes quadratic time (20,000 "<idea>" took 24 s).
+_XML_TAGS = {name: re.compile(f"<(/?){name}>", re.IGNORECASE) for name in ("idea", "title", "description")}
+# Where decoding JSON is tried: each try may read to the end of the answer, so a degenerate answer
+# ("[1, [1, [1, ...") is not tried at every bracket.
+MAX_JSON_STARTS = 50
 _FENCE = re.compile(r"```[\w-]*[ \t]*\n(.*?)```", re.DOTALL)
 # "1. ", "2) ", "Idea 3:", "## Idea 4 -", "### 5." at the start of a line
 _NUMBERED = re.compile(
@@ -29,6 +35,12 @@ _HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+(.+)$", re.MULTILINE)
 _TITLE_KEYS = ("title", "name", "idea", "headline")
 _DESCRIPTION_KEYS = ("description", "details", "summary", "rationale", "text", "body")
 MAX_TITLE_CHARS = 200
+# A list item of fewer words is a topic ("1. dropout"), not an idea the implementer could act on.
+MIN_SENTENCE_WORDS = 3
+MAX_DERIVED_TITLE_WORDS = 8
+# Where a sentence's opening clause ends: a comma, semicolon, colon, bracket, spaced dash or a full stop.
+_CLAUSE_END = re.compile(r"[,;:(\[]|[ \t][-–—][ \t]|[.!?](?:\s|$)")
+_WRAPPING_BOLD = re.compile(r"^\*\*([^*]+)\*\*$")
 
 
 def parse_ideas(text: str) -> list[Idea]:
@@ -49,12 +61,23 @@ def _clean_title(title: str) -> str:
 
 def _from_xml(text: str) -> list[Idea]:
     ideas = []
-    for block in _XML_IDEA.findall(text):
-        title = re.search(_XML_FIELD.format("title"), block, re.DOTALL | re.IGNORECASE)
-        desc = re.search(_XML_FIELD.format("description"), block, re.DOTALL | re.IGNORECASE)
-        if title and desc:
-            ideas.append((_clean_title(title.group(1)), desc.group(1).strip()))
+    for block in _tagged(text, "idea"):
+        titles, descriptions = _tagged(block, "title"), _tagged(block, "description")
+        if titles and descriptions:
+            ideas.append((_clean_title(titles[0]), descriptions[0].strip()))
     return ideas
+
+
+def _tagged(text: str, name: str) -> list[str]:
+    """The text between each ``<name>`` and the first ``</name>`` after it, in one pass."""
+    found, opened = [], None
+    for tag in _XML_TAGS[name].finditer(text):
+        if not tag[1] and opened is None:
+            opened = tag.end()
+        elif tag[1] and opened is not None:
+            found.append(text[opened : tag.start()])
+            opened = None
+    return found
 
 
 def _from_json(text: str) -> list[Idea]:
@@ -72,7 +95,7 @@ def _json_values(text: str) -> list[Any]:
     decoder = json.JSONDecoder()
     values: list[Any] = []
     pos = 0
-    while True:
+    for _ in range(MAX_JSON_STARTS):
         starts = [i for i in (text.find("[", pos), text.find("{", pos)) if i >= 0]
         if not starts:
             return values
@@ -82,8 +105,11 @@ def _json_values(text: str) -> list[Any]:
         except json.JSONDecodeError:
             pos = start + 1
             continue
+        except RecursionError:  # nested deeper than Python's stack: no list of ideas, nor anything after
+            return values
         values.append(value)
         pos = end
+    return values
 
 
 def _ideas_in(value: Any) -> list[Idea]:
@@ -143,10 +169,40 @@ def _items(text: str, matches: list[re.Match[str]]) -> list[str]:
 def _split_item(item: str) -> Idea:
     item = item.strip()
     bold = re.match(r"^(?:\*\*|__)(.+?)(?:\*\*|__)[ \t]*[:.–—-]?[ \t]*(.*)$", item, re.DOTALL)
-    if bold:
+    if bold and bold.group(2).strip():
         return _clean_title(bold.group(1)), bold.group(2).strip()
     first, _, rest = item.partition("\n")
     head, sep, tail = first.partition(": ")
     if sep and len(head) <= MAX_TITLE_CHARS:
         return _clean_title(head), (tail + "\n" + rest).strip()
-    return _clean_title(first), rest.strip()
+    if rest.strip() and not _is_sentence(first):
+        return _clean_title(first), rest.strip()
+    if _word_count(item) >= MIN_SENTENCE_WORDS:
+        description = _WRAPPING_BOLD.sub(r"\1", item)
+        return _title_from_sentence(description), description
+    return _clean_title(first), ""
+
+
+def _is_sentence(line: str) -> bool:
+    """A line that reads as a sentence, not a title: several words ending in a full stop, or too long
+    for a title."""
+    line = line.rstrip(" *_")
+    return _word_count(line) >= MIN_SENTENCE_WORDS and (
+        line.endswith((".", "!", "?")) or len(line) > MAX_TITLE_CHARS
+    )
+
+
+def _word_count(text: str) -> int:
+    """Words with a letter in them: list markers, numbers and dashes do not make a sentence."""
+    return sum(1 for word in text.split() if any(c.isalpha() for c in word))
+
+
+def _title_from_sentence(sentence: str) -> str:
+    """The opening clause, cut to a few words; the sentence's first words when that clause is too
+    short to name anything ("First, ...")."""
+    end = _CLAUSE_END.search(sentence)
+    words = (sentence[: end.start()] if end else sentence).split()
+    if len(words) < MIN_SENTENCE_WORDS:
+        words = sentence.split()
+    title = _clean_title(" ".join(words[:MAX_DERIVED_TITLE_WORDS]))
+    return title + "…" if title and len(words) > MAX_DERIVED_TITLE_WORDS else title

@@ -26,7 +26,7 @@ from hpc_executor.budget import CostMeter
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
-from hpc_executor.patching import apply_diff
+from hpc_executor.patching import apply_diff, check_answer_size
 from hpc_executor.types import Idea, Patch
 from hpc_executor.worker import copy_baseline
 
@@ -93,8 +93,8 @@ class Implementer:
     ) -> None:
         self.llm = llm
         self.env = env
-        self.samples = max(1, samples)
-        self.revisions = max(0, revisions)
+        self.samples = samples  # preflight rejects samples < 1 and revisions < 0
+        self.revisions = revisions
         self.thinking_budget = thinking_budget
         self.chains_at_once = CHAINS_PER_REQUEST * max(1, llm.spec.max_concurrency)
         self.meter = meter or CostMeter(None)
@@ -217,6 +217,7 @@ class Implementer:
 
     def check(self, answer: str) -> str:
         """Apply the answer's diff to a scratch copy of the baseline; returns the normalised diff."""
+        check_answer_size(answer)
         with tempfile.TemporaryDirectory(prefix="hpcx-check-") as tmp:
             workspace = Path(tmp) / "workspace"
             copy_baseline(self.env.baseline_dir, workspace)

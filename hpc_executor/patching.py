@@ -23,14 +23,22 @@ reads when asked for a revision. We parse diffs ourselves only for what git cann
 Policy decisions (invariant 1 of DESIGN.md): a diff may add, modify, delete, rename or copy
 regular files whose paths (every side, rename and copy sources included) are editable and not
 protected. Rejected, with a reason naming the path: absolute paths, ``..`` components, paths in
-``.git``, control characters, binary patches, symlinks (mode 120000 in the diff, or a symlink on
-the way to the file in the workspace), submodules, and every mode change. New files must be mode
-100644: the run command is an argv like ``{python} train.py``, so no idea needs an executable
-bit, and an executable file is one more thing that could run. Deleting an executable is allowed.
+``.git``, control characters, paths over 4096 bytes or with a component over 255 (no filesystem
+holds them), binary patches, symlinks (mode 120000 in the diff, or a symlink on the way to the file
+in the workspace), submodules, and every mode change. New files must be mode 100644: the run
+command is an argv like ``{python} train.py``, so no idea needs an executable bit, and an
+executable file is one more thing that could run. Deleting an executable is allowed.
 
 Pattern semantics (``path_matches``): patterns are posix paths relative to the baseline root;
-``*``, ``?`` and ``[...]`` match within one path component, ``**`` spans any number of
-directories, and a pattern that matches a directory covers everything beneath it.
+``*``, ``?`` and ``[...]`` match within one path component (``fnmatch``), ``**`` spans any number
+of directories, and a pattern that matches a directory covers everything beneath it.
+
+Untrusted text: everything here reads LLM output, so no step may take more than linear time in
+it (a backtracking expression over a header line of 30,000 spaces once took 17 s per apply).
+Expressions run anchored, with no two unbounded quantifiers able to trade characters; names and
+timestamps are split with ``str`` methods; globs are matched per path component, never as one
+regular expression over the whole path. And the implementer's answers are capped at
+``MAX_ANSWER_CHARS`` (``check_answer_size``): a longer answer is rejected with a reason, unparsed.
 
 Errors: ``PatchRejected`` for output that is not a diff or breaks the policy (recorded, never
 applied); ``PatchFailed`` for an allowed diff that is malformed or does not apply (its message is
@@ -39,6 +47,7 @@ fed back to the implementer). Nothing is written to the workspace in either case
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -53,6 +62,7 @@ __all__ = [
     "Hunk",
     "WorkspacePolicy",
     "apply_diff",
+    "check_answer_size",
     "check_policy",
     "extract_diff",
     "format_diff",
@@ -67,11 +77,19 @@ _SYMLINK_MODE = "120000"
 _SUBMODULE_MODE = "160000"
 _GIT_TIMEOUT_S = 60
 _MAX_ERROR_CHARS = 3000
+_MAX_PATH_BYTES = 4096
+_MAX_NAME_BYTES = 255
+_MAX_SHOWN_CHARS = 200  # of one line or name quoted in an error message
+# An implementer answer longer than this is rejected unread: 25x the paper's 10,000-token diffs
+# (about 40,000 characters), so it only stops a runaway answer, never a real diff.
+MAX_ANSWER_CHARS = 1_000_000
 
 _HUNK_RE = re.compile(r"^@@ -(\d+)(?:,(\d+))? +\+(\d+)(?:,(\d+))? *@@(.*)$")
-# GNU diff writes "--- a/x.py\t2024-05-01 12:00:00.000 +0200"; LLMs sometimes use a space.
-_TIMESTAMP_RE = re.compile(r"\s+\d{4}-\d\d-\d\d[ T]\d\d:\d\d(:\d\d(\.\d+)?)?(\s*[+-]\d{4})?$")
-_BINARY_RE = re.compile(r"^Binary files (.+) and (.+) differ$")
+# GNU diff writes "--- a/x.py\t2024-05-01 12:00:00.000 +0200"; LLMs sometimes use a space. Only
+# ever matched in full against a name's last words (see _strip_timestamp), never searched for.
+_TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d(?::\d\d(?:\.\d+)?)?(?:\s*[+-]\d{4})?")
+_TIMESTAMP_WORDS = 3  # date, time and zone
+_WHITESPACE_RE = re.compile(r"(\s+)")
 _FENCE_RE = re.compile(r"^(`{3,}|~{3,})")
 _C_ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 34, "\\": 92}
 
@@ -79,44 +97,32 @@ _C_ESCAPES = {"a": 7, "b": 8, "t": 9, "n": 10, "v": 11, "f": 12, "r": 13, '"': 3
 # --------------------------------------------------------------------------- policy
 
 
-def _segment_regex(segment: str) -> str:
-    """Regex for one path component of a glob: ``*``/``?``/``[...]`` never cross a ``/``."""
-    out, i = [], 0
-    while i < len(segment):
-        c = segment[i]
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and (end := segment.find("]", i + 2)) != -1:
-            body = segment[i + 1 : end]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            out.append("[" + ("^" if negate else "") + body.replace("\\", "\\\\") + "]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)
-
-
 @functools.lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = [p for p in pattern.strip("/").split("/") if p not in ("", ".")]
-    regex = ""
-    for index, part in enumerate(parts):
-        last = index == len(parts) - 1
-        if part == "**":
-            regex += ".*" if last else "(?:[^/]+/)*"
+def _glob_parts(pattern: str) -> tuple[str, ...]:
+    return tuple(p for p in pattern.strip("/").split("/") if p not in ("", "."))
+
+
+def _glob_covers(glob: tuple[str, ...], parts: list[str]) -> bool:
+    """Whether ``glob`` matches the leading components of ``parts`` (all, or a directory above them).
+
+    Tracks the set of component counts the glob's parts so far can have consumed, so that ``**``
+    costs one pass, not a backtracking search: O(glob parts x path components) fnmatch calls.
+    """
+    consumed = {0}
+    for index, part in enumerate(glob):
+        if part == "**":  # any number of components; at the end, at least one ("pkg/**" is not "pkg")
+            consumed = set(range(min(consumed) + (index == len(glob) - 1), len(parts) + 1))
         else:
-            regex += _segment_regex(part) + ("" if last else "/")
-    # A pattern naming a directory covers everything beneath it.
-    return re.compile(regex + "(?:/.*)?")
+            consumed = {n + 1 for n in consumed if n < len(parts) and fnmatch.fnmatchcase(parts[n], part)}
+        if not consumed:
+            return False
+    return max(consumed) > 0
 
 
 def path_matches(path: str, patterns: tuple[str, ...] | list[str]) -> bool:
     """Whether a normalised relative posix ``path`` matches any of the glob ``patterns``."""
-    return any(_glob_regex(p).fullmatch(path) for p in patterns)
+    parts = path.split("/")
+    return any(_glob_covers(_glob_parts(p), parts) for p in patterns)
 
 
 @dataclass(frozen=True)
@@ -201,6 +207,17 @@ class FileChange:
 # --------------------------------------------------------------------------- text helpers
 
 
+def _cut(text: str) -> str:
+    """``text`` for an error message, cut short: messages are recorded and fed back to the LLM."""
+    if len(text) <= _MAX_SHOWN_CHARS:
+        return text
+    return text[:_MAX_SHOWN_CHARS] + f" [... {len(text) - _MAX_SHOWN_CHARS:,} more characters]"
+
+
+def _show(text: str | None) -> str:
+    return _cut(repr(text))
+
+
 def _range(start: int, count: int) -> str:
     # git and difflib omit the count when it is 1.
     return str(start) if count == 1 else f"{start},{count}"
@@ -240,7 +257,7 @@ def _unquote(quoted: str) -> tuple[str, str]:
             continue
         out += c.encode()
         i += 1
-    raise PatchFailed(f"unterminated quoted file name: {quoted!r}")
+    raise PatchFailed(f"unterminated quoted file name: {_show(quoted)}")
 
 
 def _quote(name: str) -> str:
@@ -260,8 +277,28 @@ def _header_name(raw: str) -> str | None:
     if raw.startswith('"'):
         name, _ = _unquote(raw)
     else:
-        name = _TIMESTAMP_RE.sub("", raw.split("\t", 1)[0]).rstrip()
+        name = _strip_timestamp(raw.split("\t", 1)[0]).rstrip()
     return None if name == "/dev/null" else name
+
+
+def _strip_timestamp(name: str) -> str:
+    """``name`` without a ``diff -u`` timestamp after it ("x.py 2024-05-01 12:00:00.000 +0200")."""
+    pieces = _WHITESPACE_RE.split(name.rstrip())  # words at even indices, the spaces between at odd
+    for words in range(_TIMESTAMP_WORDS, 0, -1):  # the longest timestamp first, as a search would
+        first = len(pieces) - 2 * words + 1
+        if first >= 2 and _TIMESTAMP_RE.fullmatch("".join(pieces[first:])):
+            return "".join(pieces[: first - 1])
+    return name
+
+
+def _binary_names(line: str) -> tuple[str, str] | None:
+    """The two names of a ``Binary files A and B differ`` line (the last " and " splits them)."""
+    prefix, suffix = "Binary files ", " differ"
+    if not (line.startswith(prefix) and line.endswith(suffix)):
+        return None
+    names = line[len(prefix) : -len(suffix)]
+    split = names.rfind(" and ", 1, len(names) - 1)
+    return None if split == -1 else (names[:split], names[split + len(" and ") :])
 
 
 def _strip_prefixes(old: str | None, new: str | None) -> tuple[str | None, str | None]:
@@ -288,8 +325,14 @@ def _git_line_names(rest: str) -> tuple[str | None, str | None]:
     if (split := rest.find(' "')) != -1:
         return rest[:split], _unquote(rest[split + 1 :])[0]
     # Unquoted names may hold spaces: prefer the split that names the same file on both sides.
-    for i, c in enumerate(rest):
-        if c == " " and rest[:i].removeprefix("a/") == rest[i + 1 :].removeprefix("b/"):
+    # Such a split leaves sides of equal length, give or take an "a/" or "b/" prefix: three
+    # candidates, in the order a scan from the left would meet them.
+    for i in ((len(rest) - 3) // 2, (len(rest) - 1) // 2, (len(rest) + 1) // 2):
+        if (
+            0 <= i < len(rest)
+            and rest[i] == " "
+            and rest[:i].removeprefix("a/") == rest[i + 1 :].removeprefix("b/")
+        ):
             return rest[:i], rest[i + 1 :]
     if " b/" in rest:
         old, _, new = rest.partition(" b/")
@@ -361,14 +404,14 @@ class _Scanner:
                 section.old_name, section.new_name = _header_name(line[4:]), _header_name(lines[i + 1][4:])
                 self.sections.append(section)
                 i = self._hunks(section, i + 2)
-            elif (binary := _BINARY_RE.match(line)) is not None:
+            elif (binary := _binary_names(line)) is not None:
                 section = _Section(start=i, binary=True, has_file_lines=True)
-                section.old_name, section.new_name = _header_name(binary[1]), _header_name(binary[2])
+                section.old_name, section.new_name = _header_name(binary[0]), _header_name(binary[1])
                 self.sections.append(section)
                 i += 1
             elif line.startswith("@@"):
                 raise PatchFailed(
-                    f"diff line {i + 1}: hunk {line!r} is not preceded by a file header "
+                    f"diff line {i + 1}: hunk {_show(line)} is not preceded by a file header "
                     "('--- a/<path>' and '+++ b/<path>'); every hunk must follow its file's header"
                 )
             else:
@@ -413,7 +456,7 @@ class _Scanner:
                 return self._hunks(section, i + 2)
             elif line.startswith("@@"):
                 raise PatchFailed(
-                    f"diff line {i + 1}: hunk follows {lines[section.start]!r} without '--- a/<path>' and "
+                    f"diff line {i + 1}: hunk follows {_show(lines[section.start])} without '--- a/<path>' and "
                     "'+++ b/<path>' lines"
                 )
             else:
@@ -426,7 +469,7 @@ class _Scanner:
             match = _HUNK_RE.match(lines[i])
             if match is None:
                 raise PatchFailed(
-                    f"diff line {i + 1}: malformed hunk header {lines[i]!r}; expected "
+                    f"diff line {i + 1}: malformed hunk header {_show(lines[i])}; expected "
                     "'@@ -<old start>,<old count> +<new start>,<new count> @@'"
                 )
             hunk = _RawHunk(
@@ -466,7 +509,7 @@ class _Scanner:
             i += 1
         if not any(line[:1] in (" ", "-", "+", "") for line in hunk.body):
             raise PatchFailed(
-                f"diff line {hunk.header_index + 1}: hunk {lines[hunk.header_index]!r} has no lines"
+                f"diff line {hunk.header_index + 1}: hunk {_show(lines[hunk.header_index])} has no lines"
             )
         stop = i < len(lines) and not (
             lines[i].startswith(("@@", "diff --git ")) or self._file_header_at(i, need_hunk=False)
@@ -475,7 +518,7 @@ class _Scanner:
         if stop and (old < _or_one(hunk.old_count) or new < _or_one(hunk.new_count)):
             # A short hunk cut off by a line that is no diff line: a malformed line, not prose.
             raise PatchFailed(
-                f"diff line {i + 1}: {lines[i]!r} inside the hunk at line {hunk.header_index + 1} is not a "
+                f"diff line {i + 1}: {_show(lines[i])} inside the hunk at line {hunk.header_index + 1} is not a "
                 "diff line; every hunk line starts with ' ' (context), '-' or '+'"
             )
         return i
@@ -490,7 +533,7 @@ def _or_one(count: int | None) -> int:
 
 def _looks_like_diff(lines: list[str]) -> bool:
     for i, line in enumerate(lines):
-        if line.startswith(("diff --git ", "@@ -", "GIT binary patch")) or _BINARY_RE.match(line):
+        if line.startswith(("diff --git ", "@@ -", "GIT binary patch")) or _binary_names(line):
             return True
         if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
             return True
@@ -571,16 +614,16 @@ def _file_change(section: _Section, line: str) -> FileChange:
         old = _clean(_header_name(ext.get(f"{kind} from", "")))
         new = _clean(_header_name(ext.get(f"{kind} to", "")))
         if not old or not new:
-            raise PatchFailed(f"{line!r}: a {kind} needs both '{kind} from' and '{kind} to' lines")
+            raise PatchFailed(f"{_show(line)}: a {kind} needs both '{kind} from' and '{kind} to' lines")
     elif old is None and new is None:
-        raise PatchFailed(f"{line!r}: both sides of the diff are /dev/null")
+        raise PatchFailed(f"{_show(line)}: both sides of the diff are /dev/null")
     elif old is None:
         kind = "add"
     elif new is None:
         kind = "delete"
     elif old != new:
         raise PatchFailed(
-            f"{line!r}: old name {old!r} and new name {new!r} differ; edit a file under one name "
+            f"{_show(line)}: old name {_show(old)} and new name {_show(new)} differ; edit a file under one name "
             "(renames need git's 'rename from'/'rename to' lines)"
         )
     else:
@@ -593,7 +636,7 @@ def _file_change(section: _Section, line: str) -> FileChange:
         )
     change = FileChange(old, new, kind, old_mode, new_mode, section.binary, tuple(hunks))
     if kind == "modify" and not hunks and not section.binary and old_mode == new_mode:
-        raise PatchFailed(f"{line!r}: the diff for {change.path} changes nothing (no hunks)")
+        raise PatchFailed(f"{_show(line)}: the diff for {change.path} changes nothing (no hunks)")
     return change
 
 
@@ -618,6 +661,11 @@ def _lexical_problem(path: str) -> str | None:
     if path.startswith("/"):
         return "absolute paths are not allowed"
     parts = path.split("/")
+    # No filesystem holds longer ones (Linux PATH_MAX, NAME_MAX), and git takes quadratic time in them.
+    if len(path.encode()) > _MAX_PATH_BYTES:
+        return f"paths longer than {_MAX_PATH_BYTES} bytes are not allowed"
+    if any(len(part.encode()) > _MAX_NAME_BYTES for part in parts):
+        return f"path components longer than {_MAX_NAME_BYTES} bytes are not allowed"
     if ".." in parts:
         return "'..' path components are not allowed"
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
@@ -641,7 +689,7 @@ def _symlink_on_the_way(root: Path, path: str) -> str | None:
 
 
 def _change_problems(change: FileChange, policy: WorkspacePolicy, root: Path) -> list[str]:
-    label = change.describe()
+    label = _cut(change.describe())
     if change.binary:
         return [f"{label}: binary patches are not allowed"]
     modes = {change.old_mode, change.new_mode}
@@ -660,13 +708,13 @@ def _change_problems(change: FileChange, policy: WorkspacePolicy, root: Path) ->
         problems.append(f"{label}: mode changes ({change.old_mode} -> {change.new_mode}) are not allowed")
     for path in dict.fromkeys(p for p in (change.old_path, change.new_path) if p is not None):
         if (lexical := _lexical_problem(path)) is not None:
-            problems.append(f"{label}: {path!r}: {lexical}")
+            problems.append(f"{label}: {_show(path)}: {lexical}")
         elif policy.is_protected(path):
-            problems.append(f"{label}: {path!r} is protected (frozen) and may not be changed")
+            problems.append(f"{label}: {_show(path)} is protected (frozen) and may not be changed")
         elif not policy.is_editable(path):
-            problems.append(f"{label}: {path!r} is outside the editable set {list(policy.editable)}")
+            problems.append(f"{label}: {_show(path)} is outside the editable set {list(policy.editable)}")
         elif (link := _symlink_on_the_way(root, path)) is not None:
-            problems.append(f"{label}: {path!r}: {link!r} is a symlink in the workspace")
+            problems.append(f"{label}: {_show(path)}: {_show(link)} is a symlink in the workspace")
     return problems
 
 
@@ -745,6 +793,16 @@ def _git_apply(diff: str, workspace: Path, check: bool) -> None:
         if len(message) > _MAX_ERROR_CHARS:
             message = message[:_MAX_ERROR_CHARS] + "\n[... trimmed]"
         raise PatchFailed(f"the diff does not apply (git apply):\n{message}")
+
+
+def check_answer_size(answer: str, limit: int = MAX_ANSWER_CHARS) -> None:
+    """Raise ``PatchRejected`` when an answer is too long to be read as a diff at all."""
+    if len(answer) > limit:
+        raise PatchRejected(
+            f"the answer is {len(answer):,} characters long, over the limit of {limit:,} for an answer "
+            "(patching.MAX_ANSWER_CHARS), so it was not read; write a diff of only the hunks that change, "
+            "with three lines of context"
+        )
 
 
 def apply_diff(text: str, workspace: Path, policy: WorkspacePolicy) -> str:

@@ -31,6 +31,7 @@ from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.claim import CLAIM_FILE, claim_holder, release_claim
 from hpc_executor.config import register_configs
+from hpc_executor.config_checks import bound_problems, command_line_problems, run_name_problem
 from hpc_executor.crashpoints import crash_point
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
@@ -626,7 +627,9 @@ def dry_run(cfg: DictConfig, run_dir: Path) -> str:
 
 def preflight(cfg: DictConfig, env: Environment) -> None:
     """Everything missing, at once, before any work starts."""
-    problems = env.problems()
+    problems = env.problems() + bound_problems(cfg)
+    if (bad_name := run_name_problem(cfg.run_name)) is not None:
+        problems.append(bad_name)
     needed: dict[str, list[str]] = {}
     for role in ("ideator", "implementer"):
         spec = spec_from_config(cfg.model[role])
@@ -710,7 +713,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             return
         search.run()
     except HpcExecutorError as exc:
-        _remove_if_untouched(run_dir)
+        if run_name_problem(cfg.run_name) is None:  # a bad name may point anywhere: remove nothing there
+            _remove_if_untouched(run_dir)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -737,6 +741,10 @@ def main() -> None:
     missing = missing_groups(sys.argv[1:])
     if missing:
         print(usage_message(missing), file=sys.stderr)
+        sys.exit(2)
+    # Hydra makes outputs/<run_name> and reads the search path before any code of ours runs.
+    if problems := command_line_problems([a for a in sys.argv[1:] if not a.startswith("-")]):
+        print("error: cannot start:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         sys.exit(2)
     unwritable = run_dir_problem(sys.argv[1:])
     if unwritable:

@@ -156,3 +156,46 @@ def test_a_failing_data_prep_says_why(tmp_path: Path) -> None:
     cfg.prepare_command = ["{python}", "-c", "raise SystemExit('no disk space')"]
     with pytest.raises(PreflightError, match="no disk space"):
         Environment(cfg).prepare()
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.samples=0", "model.revisions=-1", "strategy.epochs=0", "strategy.batch_size=0", "strategy.call_size=0",
+     "model.implementer.max_concurrency=0", "model.ideator.max_tokens=0", "budget_usd=-5", "env.budget_s=0"],
+)  # fmt: skip
+def test_values_below_their_bounds_are_rejected_before_any_work(tmp_path: Path, override: str) -> None:
+    proc = run_cli("+env=tiny", "+model=offline", "check_only=true", override, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stderr and override.split("=")[0] in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["../escape", "a/b", "/tmp/abs", "", ".hidden", "..", "x,../escape", "back\\slash"]
+)
+def test_a_run_name_that_is_no_plain_directory_name_is_rejected(tmp_path: Path, name: str) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = ["--multirun"] if "," in name else []  # each name of a sweep is judged
+    proc = run_cli(*sweep, "+env=tiny", "+model=offline", "check_only=true", f"run_name={name}", cwd=work)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "is not a plain directory name" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and not any(work.iterdir())
+
+
+def test_a_run_name_composed_from_other_keys_is_judged_too(tmp_path: Path) -> None:
+    proc = run_cli("+env=tiny", "+model=offline", "check_only=true", "run_name=seed-${seed}/x", cwd=tmp_path)
+    assert proc.returncode == 2 and "run_name='seed-0/x' is not a plain directory name" in proc.stderr
+
+
+def test_a_search_path_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "my-conf"
+    proc = run_cli(f"hydra.searchpath=[file://{missing}]", "+env=tiny", "+model=offline", "check_only=true",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout
+    assert f"no directory '{missing}'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+    missing.mkdir()
+    proc = run_cli(f"hydra.searchpath=[file://{missing}]", "+env=tiny", "+model=offline", "check_only=true",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr

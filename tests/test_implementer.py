@@ -16,6 +16,7 @@ from hpc_executor.environment import Environment
 from hpc_executor.errors import ConfigError
 from hpc_executor.implementer import Implementer
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse, LLMSpec
+from hpc_executor.patching import MAX_ANSWER_CHARS
 from hpc_executor.types import Idea
 
 GOOD = "--- a/params.py\n+++ b/params.py\n@@ -2,1 +2,1 @@\n-LEARNING_RATE = 0.1\n+LEARNING_RATE = 0.4\n"
@@ -142,3 +143,12 @@ def test_a_cut_off_answer_is_never_applied_and_is_revised_with_the_reason(env: E
     assert patch.status == "applied" and "+LEARNING_RATE = 0.4" in patch.diff
     assert calls[1].request.context["error"].startswith("Your answer was cut off at the output token limit")
     assert "cut off at the output token limit" in calls[1].request.prompt
+
+
+def test_a_runaway_answer_is_rejected_unread_and_revised_with_the_limit(env: Environment) -> None:
+    runaway = GOOD + "\nThat is the diff." * (MAX_ANSWER_CHARS // 10)  # applies, were it read
+    llm = ScriptedLLM({("e0-000", 0, 0): runaway, ("e0-000", 0, 1): OTHER_GOOD})
+    patch, calls = Implementer(llm, env, samples=1, revisions=1, thinking_budget=0).implement(idea(0))
+    assert [c.outcome for c in calls] == ["rejected", "applied"]
+    assert "LEARNING_RATE = 0.3" in patch.diff
+    assert f"over the limit of {MAX_ANSWER_CHARS:,}" in calls[1].request.context["error"]

@@ -101,15 +101,18 @@ def test_a_server_that_dies_at_start_says_so_with_its_log(tmp_path: Path) -> Non
 
 
 def test_a_server_that_never_answers_is_cancelled_at_the_timeout(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "import time; time.sleep(600)"]
+    pid_file = tmp_path / "server.pid"
+    write_pid = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     sched = scheduler(tmp_path, "local")
     server = ModelServer(
-        "org/tiny-model", serve_config(command, startup_timeout_s=3.0), sched, tmp_path / "server"
-    )
+        "org/tiny-model", serve_config([sys.executable, "-c", write_pid], startup_timeout_s=3.0), sched,
+        tmp_path / "server",
+    )  # fmt: skip
     with pytest.raises(PreflightError, match=r"did not answer /health within serve\.startup_timeout_s=3s"):
         server.start()
-    job_id = next(iter(sched._jobs))
-    assert wait_gone(sched, job_id) != JobState.RUNNING
+    # Left alone, the server sleeps for 600 s, and its job with it: both end at once when cancelled.
+    assert wait_gone(sched, next(iter(sched._jobs)), timeout=15).finished
+    assert not Path(f"/proc/{pid_file.read_text()}").exists(), "the server process outlived its job"
 
 
 def test_the_command_gets_the_model_and_gpus(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ import pytest
 
 from hpc_executor.errors import PatchFailed, PatchRejected
 from hpc_executor.patching import (
+    MAX_ANSWER_CHARS,
     WorkspacePolicy,
     apply_diff,
+    check_answer_size,
     extract_diff,
     parse_diff,
     path_matches,
@@ -584,3 +586,108 @@ def test_path_matches_semantics() -> None:
     assert not path_matches("sub/train.py", ["*.py"])  # '*' stays within one component
     assert not path_matches("train.pyc", ["train.py"])
     assert path_matches("model_v2.py", ["model_v[0-9].py"])
+
+
+# --------------------------------------------------------------------------- untrusted sizes
+
+N = 200_000  # a quadratic step over this many characters takes many minutes (30,000 took 17 s)
+
+
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ("a/model.py\t2026-11-27 09:00:00.000000000 +0000", "model.py"),  # git diff / GNU diff -u
+        ("a/model.py\t2026-11-27 09:00:00 -0800", "model.py"),
+        ("a/model.py 2026-11-27 09:00:00.123 +0200", "model.py"),  # an LLM's space for the tab
+        ("a/model.py  2026-11-27T09:00:00+0200", "model.py"),
+        ("a/model.py 2026-11-27 09:00", "model.py"),
+        ("a/model.py 2026-11-27 09:00:00 +0000   ", "model.py"),
+        ("a/model.py\t", "model.py"),
+        ("a/my file.py\t2026-11-27 09:00:00 +0000", "my file.py"),
+        ("a/my file.py 2026-11-27 09:00:00", "my file.py"),
+        ("a/2026-11-27 09:00.py", "2026-11-27 09:00.py"),  # not a timestamp: it is not at the end
+        ("a/runs 2026-11-27", "runs 2026-11-27"),  # a date alone is no timestamp
+    ],
+)
+def test_file_headers_lose_their_timestamp_and_nothing_else(header: str, name: str) -> None:
+    old = header.replace("a/", "b/", 1) if header.startswith("a/") else header
+    diff = f"--- {header}\n+++ {old}\n@@ -1 +1 @@\n-x\n+y\n"
+    assert [change.path for change in parse_diff(diff)] == [name]
+
+
+@pytest.mark.timeout(15)  # quadratic parsing of these lines would take minutes, linear parsing 0.1 s
+@pytest.mark.parametrize(
+    "header",
+    [
+        "--- a/model.py" + " " * N + "2026-11-27 09:00:00 +0000\n+++ b/model.py\n",
+        "--- a/model.py\n+++ b/model.py" + " " * N + "\t2026-11-27 09:00:00\n",
+        "diff --git a/model.py" + " " * 5 * N + "b/model.py\n--- a/model.py\n+++ b/model.py\n",
+    ],
+    ids=["spaces before a timestamp", "spaces before a tab", "spaces in a git line"],
+)
+def test_a_header_with_a_long_run_of_spaces_is_parsed_and_applies(workspace: Path, header: str) -> None:
+    diff = header + "@@ -1,2 +1,2 @@\n class Model:\n-    width = 64\n+    width = 80\n"
+    canonical = apply_diff(diff, workspace, POLICY)
+    assert canonical.startswith("diff --git a/model.py b/model.py\n")
+    assert "width = 80" in (workspace / "model.py").read_text()
+
+
+@pytest.mark.timeout(15)
+@pytest.mark.parametrize(
+    ("diff", "error", "message"),
+    [
+        ("Binary files " + " and" * N + " differ\n", PatchFailed, "old name .* and new name 'and' differ"),
+        ("Binary files a/x" + " and" * N + "\n", PatchRejected, "no unified diff found"),
+        (
+            "--- a/model.py" + " " * N + "x\n+++ b/model.py\n@@ -1 +1 @@\n-a\n+b\n",
+            PatchFailed,
+            "old name .* differ",
+        ),
+        (
+            "--- a/model.py\n+++ b/model.py" + " " * N + "2026\n@@ -1 +1 @@\n-a\n+b\n",
+            PatchFailed,
+            "old name .* differ",
+        ),
+        ("--- a/model.py\n+++ b/model.py\n@@ -1 +1" + " " * N + "x\n-a\n+b\n", PatchFailed, "malformed hunk"),
+        (
+            "--- a/" + "pkg/" * N + "x.py\n+++ b/" + "pkg/" * N + "x.py\n@@ -1 +1 @@\n-a\n+b\n",
+            PatchRejected,
+            "paths longer than 4096 bytes are not allowed",
+        ),
+        (
+            "--- a/pkg/" + "x" * 300 + ".py\n+++ b/pkg/" + "x" * 300 + ".py\n@@ -1 +1 @@\n-a\n+b\n",
+            PatchRejected,
+            "path components longer than 255 bytes are not allowed",
+        ),
+    ],
+    ids=[
+        "binary line of ands",
+        "binary line without an end",
+        "spaces before a name",
+        "spaces before a year",
+        "spaces in a hunk header",
+        "a deep path",
+        "a long name",
+    ],
+)
+def test_pathological_lines_fail_fast_with_a_short_reason(
+    workspace: Path, diff: str, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as failure:
+        apply_diff(diff, workspace, WorkspacePolicy(editable=("**/*.py", "pkg/**/**/*.py")))
+    assert len(str(failure.value)) < 4000  # the line is quoted, but cut short
+
+
+@pytest.mark.timeout(15)
+def test_globs_match_component_by_component_in_linear_time() -> None:
+    deep = "pkg/" * N + "x.py"
+    assert path_matches(deep, ["pkg/**/**/*.py"]) and not path_matches(deep, ["**/*.pyc", "pkg/**/y/**"])
+    assert not path_matches("a" * N + ".pyc", ["*a*a*a*a*a*.py"])
+    assert path_matches("pkg/x.py", ["pkg/**/x.py"]) and not path_matches("pkg", ["pkg/**"])
+    assert not path_matches("x.py", [""]) and path_matches("x.py", ["**"])
+
+
+def test_answers_over_the_size_limit_are_rejected_with_the_limit_named() -> None:
+    check_answer_size("x" * MAX_ANSWER_CHARS)
+    with pytest.raises(PatchRejected, match=f"over the limit of {MAX_ANSWER_CHARS:,}"):
+        check_answer_size("x" * (MAX_ANSWER_CHARS + 1))

@@ -248,7 +248,10 @@ def test_ctrl_c_in_a_terminal_asks_before_cancelling(tmp_path: Path, answer: str
         proc = run_search(*args, cwd=tmp_path)  # the next driver finds their results
         assert proc.returncode == 0, proc.stderr[-2000:]
         frames = ledger_module.load(run_dir)
-        assert (len(frames["results"]) == 4 and (frames["trials"].submissions == 1).all()) or True
+        # Every trial has its one result, and each was submitted exactly once.
+        trials, results = frames["trials"], frames["results"]
+        assert sorted(results.trial_id) == sorted(trials.trial_id) and len(trials) == 4, trials.to_string()
+        assert (trials.submissions == 1).all(), trials[["trial_id", "state", "submissions"]].to_string()
         ran = frames["trials"].merge(frames["results"], on="trial_id")
         assert (ran[ran.status == "ok"].submissions == 1).all(), "the trials survived the Ctrl-C"
 
