@@ -140,6 +140,7 @@ class SearchConfig:
     run_name: str = MISSING  # the run directory's name; the same name resumes the same run
     seed: int = 0
     budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
+    budget_gpu_hours: float | None = None  # GPU-hours of the run's trials; once reached, no new trials start
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)

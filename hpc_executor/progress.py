@@ -46,13 +46,21 @@ class Progress:
         table = Table(
             title=f"Best ideas of {_short(run_dir)}", caption=f"baseline reward {self.baseline:.4f}"
         )
-        for col in ("rank", "reward", "vs baseline", "epoch", "idea", "trial dir (patch.diff, train.log)"):
+        for col in (
+            "rank",
+            "reward",
+            "vs baseline",
+            "epoch",
+            "GPU-h",
+            "idea",
+            "trial dir (patch.diff, train.log)",
+        ):
             table.add_column(col, overflow="fold")
         for rank, r in enumerate(ok[:top], 1):
             where = _short(Path(r["trial_dir"])) if r["trial_dir"] else ""
             delta = (r["reward"] - self.baseline) / abs(self.baseline) * 100 if self.baseline else 0.0
             table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%", str(r["epoch"] + 1),
-                          r["title"], where)  # fmt: skip
+                          f"{r.get('gpu_hours') or 0.0:.3f}", r["title"], where)  # fmt: skip
         self.console.print(table)
         counts: dict[str, int] = {}
         for r in rows:
@@ -64,6 +72,21 @@ class Progress:
             "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             + f" | execution rate {rate:.0f}% | ledger: {_short(run_dir / 'ledger.sqlite')}"
         )  # fmt: skip
+        return table
+
+    def gpu_table(self, by_epoch: list[dict[str, Any]], budget: str) -> Table:
+        """GPU-hours and trial runtime per epoch and kind of trial, and the run's total."""
+        table = Table(title="GPU-hours", caption=budget)
+        for col in ("epoch", "trials of", "trials", "runtime h", "GPU-hours"):
+            table.add_column(col, justify="left" if col in ("epoch", "trials of") else "right")
+        for row in by_epoch:
+            table.add_row(str(row["epoch"] + 1), row["purpose"], str(row["trials"]),
+                          f"{row['runtime_s'] / 3600:.3f}", f"{row['gpu_hours']:.3f}")  # fmt: skip
+        table.add_section()
+        table.add_row("all", "", str(sum(r["trials"] for r in by_epoch)),
+                      f"{sum(r['runtime_s'] for r in by_epoch) / 3600:.3f}",
+                      f"{sum(r['gpu_hours'] for r in by_epoch):.3f}")  # fmt: skip
+        self.console.print(table)
         return table
 
     def usage_table(self, usage: list[dict[str, Any]], meter: CostMeter) -> Table:

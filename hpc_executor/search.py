@@ -25,11 +25,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hpc_executor import gpu_hours
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
+from hpc_executor.gpu_hours import GpuBudget
 from hpc_executor.ideator import Ideator, Proposal
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
@@ -74,6 +76,7 @@ class Search:
                                cfg.model.ideator.thinking_budget_search)  # fmt: skip
         self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
         self._budget_noted = False
+        self.gpu_budget = GpuBudget(cfg.budget_gpu_hours)
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
@@ -218,12 +221,17 @@ class Search:
                     self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the LLM budget is spent "
                                        f"({self.meter.describe()}); raise budget_usd to go on")  # fmt: skip
                     break
+                if self.gpu_budget.exhausted(self.ledger):
+                    self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the GPU budget is spent "
+                                       f"({self.gpu_budget.describe(self.ledger)}); raise budget_gpu_hours to go on")  # fmt: skip
+                    break
         except KeyboardInterrupt:
             self.interrupted()
             raise
         finally:
             self.stop_servers()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
+        self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
 
     def _calls_left(self, epoch: int) -> bool:
@@ -320,6 +328,8 @@ class Search:
                                "to go on.")  # fmt: skip
 
     def create_trials(self, epoch: int) -> None:
+        if self.gpu_budget.exhausted(self.ledger):  # the ideas stay without trials until the budget is raised
+            return
         for idea in self.ledger.ideas(epoch):
             patch = self.ledger.patch_for(idea.idea_id)
             if patch is None or self.ledger.has_trial(idea.idea_id):
@@ -330,27 +340,44 @@ class Search:
                 self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
                 self.ledger.record_results([Result(trial_id, Status(patch.status), reason=patch.reason)])
                 continue
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            for stale in (RESULT_FILE, STARTED_FILE):  # a directory left by a crash before add_trial
-                (trial_dir / stale).unlink(missing_ok=True)
-            (trial_dir / DIFF_FILE).write_text(patch.diff or "")
-            TrialSpec(
-                trial_id=trial_id,
-                trial_dir=str(trial_dir),
-                env=OmegaConf.to_container(self.cfg.env, resolve=True) | {"dir": str(self.env.dir),
-                                                                          "data_dir": str(self.env.data_dir)},
-                seed=self.cfg.seed,
-                keep_workspace=self.cfg.keep_workspaces,
-                isolate_pids=self.cfg.isolate_pids,
-                provenance={
-                    "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
-                    "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
-                    "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
-                    "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
-                    "seed": self.cfg.seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,
-                },
-            ).write()  # fmt: skip
+            self._write_trial_dir(trial_dir, trial_id, idea.idea_id, patch, self.cfg.seed)
             self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
+
+    def _write_trial_dir(self, trial_dir: Path, trial_id: str, idea_id: str, patch: Patch, seed: int) -> None:
+        """The trial's directory (diff and spec), written before its ledger row exists."""
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (RESULT_FILE, STARTED_FILE):  # a directory left by a crash before add_trial
+            (trial_dir / stale).unlink(missing_ok=True)
+        (trial_dir / DIFF_FILE).write_text(patch.diff or "")
+        TrialSpec(
+            trial_id=trial_id,
+            trial_dir=str(trial_dir),
+            env=OmegaConf.to_container(self.cfg.env, resolve=True) | {"dir": str(self.env.dir),
+                                                                      "data_dir": str(self.env.data_dir)},
+            seed=seed,
+            keep_workspace=self.cfg.keep_workspaces,
+            isolate_pids=self.cfg.isolate_pids,
+            provenance={
+                "idea_id": idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
+                "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
+                "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
+                "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
+                "seed": seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,
+                "gpus_per_trial": self.shape.gpus,
+            },
+        ).write()  # fmt: skip
+
+    def create_extra_trial(self, idea_id: str, epoch: int, trial_id: str, purpose: str, seed: int) -> None:
+        """One more seed of an implemented idea (a baseline repeat, a confirmation), run like any
+        trial; a trial that exists already is left as it is, so a resumed run creates each once."""
+        patch = self.ledger.patch_for(idea_id)
+        if patch is None or patch.status != "applied":
+            raise HpcExecutorError(f"idea {idea_id} has no applied diff to run again")
+        trial_dir = self.run_dir / "trials" / trial_id
+        if self.ledger.trial_exists(trial_id):
+            return
+        self._write_trial_dir(trial_dir, trial_id, idea_id, patch, seed)
+        self.ledger.add_trial(trial_id, idea_id, epoch, str(trial_dir), purpose=purpose, seed=seed)
 
     def execute(self, epoch: int) -> None:
         """Dispatch pending trials within capacity and poll until no trial is open.
@@ -368,7 +395,8 @@ class Search:
                 )
             changed = self.ledger.poll()
             open_trials = self.ledger.open_trials()
-            if not open_trials:
+            held = self.gpu_budget.exhausted(self.ledger)  # pending trials wait for a larger budget
+            if not open_trials or (held and all(t.state == "pending" for t in open_trials)):
                 self._show(epoch)
                 return
             if time.monotonic() >= next_query:
@@ -395,7 +423,7 @@ class Search:
         )
         capacity = self.scheduler.capacity(self.shape)
         room = len(pending) if capacity is None else max(0, capacity - (len(open_trials) - len(pending)))
-        batch = pending[:room]
+        batch = [] if self.gpu_budget.exhausted(self.ledger) else pending[:room]
         if not batch:
             return 0
         jobs = self.scheduler.submit([t.trial_dir for t in batch], self.shape)
