@@ -132,6 +132,23 @@ class SchedulerConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """How noisy the baseline is, and the bar an idea must clear to beat it (hpc_executor/noise.py)."""
+
+    baseline_repeats: int = 1  # runs of the unmodified baseline in epoch 0, on distinct seeds
+    repeat_every: int = 0  # run the baseline_repeats again every this many epochs (0: epoch 0 only)
+    k: float = 2.0  # an idea beats the baseline above mean + k * std of the baseline's runs
+
+
+@dataclass
+class ConfirmConfig:
+    """Re-running the search's winners on fresh seeds at its end (hpc_executor/confirm.py)."""
+
+    top_k: int = 0  # ideas (best reward first) to confirm; 0: none (costs top_k * seeds trials)
+    seeds: int = 2  # fresh seeds per confirmed idea
+
+
+@dataclass
 class SearchConfig:
     env: EnvConfig = MISSING
     model: ModelConfig = MISSING
@@ -141,6 +158,8 @@ class SearchConfig:
     seed: int = 0
     budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
     budget_gpu_hours: float | None = None  # GPU-hours of the run's trials; once reached, no new trials start
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)

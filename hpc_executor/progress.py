@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hpc_executor.budget import CostMeter, usd
+from hpc_executor.noise import BaselineNoise
 
 log = logging.getLogger("hpc_executor.search")
 OFFLINE_NOTE = "offline stand-in (not an LLM; tokens are chars/4)"
@@ -23,6 +24,7 @@ class Progress:
         # the table is the run's answer: stdout, wide enough for paths when piped to a file
         self.console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         self._last = ""
+        self.baseline_noise: BaselineNoise | None = None  # the baseline's spread over seeds, when measured
 
     def epoch_line(self, epoch: int, ideas: int, implemented: int, trials: dict[str, int],
                    best: float | None) -> None:  # fmt: skip
@@ -43,9 +45,9 @@ class Progress:
     def final_table(self, rows: list[dict[str, Any]], run_dir: Path, top: int = 10) -> Table:
         """Best ideas first, then a summary of how the others ended."""
         ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["reward"])
-        table = Table(
-            title=f"Best ideas of {_short(run_dir)}", caption=f"baseline reward {self.baseline:.4f}"
-        )
+        noise = self.baseline_noise
+        caption = noise.describe() if noise else f"baseline reward {self.baseline:.4f}"
+        table = Table(title=f"Best ideas of {_short(run_dir)}", caption=caption)
         for col in (
             "rank",
             "reward",
@@ -59,7 +61,12 @@ class Progress:
         for rank, r in enumerate(ok[:top], 1):
             where = _short(Path(r["trial_dir"])) if r["trial_dir"] else ""
             delta = (r["reward"] - self.baseline) / abs(self.baseline) * 100 if self.baseline else 0.0
-            table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%", str(r["epoch"] + 1),
+            within = (
+                " (within noise)"
+                if noise is not None and noise.n > 1 and not noise.beats(r["reward"])
+                else ""
+            )
+            table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%{within}", str(r["epoch"] + 1),
                           f"{r.get('gpu_hours') or 0.0:.3f}", r["title"], where)  # fmt: skip
         self.console.print(table)
         counts: dict[str, int] = {}

@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hpc_executor import gpu_hours
+from hpc_executor import gpu_hours, noise
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
@@ -77,6 +77,7 @@ class Search:
         self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
         self._budget_noted = False
         self.gpu_budget = GpuBudget(cfg.budget_gpu_hours)
+        noise.check(cfg.noise)
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
@@ -162,11 +163,11 @@ class Search:
         self.config_hash = hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def baseline_reward(self) -> float:
-        """The measured baseline when this run has one, else the environment's recorded value."""
-        for row in self.ledger.outcomes(until_epoch=0):
-            if row["kind"] == "baseline" and row["status"] == "ok":
-                return float(row["reward"])
-        return float(self.cfg.env.reward.baseline)
+        """The measured baseline (the mean of its seeds) when this run has one, else the recorded value."""
+        return self.baseline_noise().mean
+
+    def baseline_noise(self) -> noise.BaselineNoise:
+        return noise.measure(self.ledger, self.cfg.noise.k, float(self.cfg.env.reward.baseline))
 
     def plan(self) -> str:
         """What this run will do, for check_only."""
@@ -215,6 +216,7 @@ class Search:
                 # the trials' turn: free the servers' GPUs, unless kept for the next epoch's calls
                 self.stop_servers(between_epochs=epoch + 1 < s.epochs and not self.meter.exhausted())
                 self.create_trials(epoch)
+                self.create_baseline_repeats(epoch)
                 self.execute(epoch)
                 self.progress.baseline = self.baseline_reward()
                 if self.meter.exhausted() and epoch + 1 < s.epochs:
@@ -230,6 +232,7 @@ class Search:
             raise
         finally:
             self.stop_servers()
+        self.progress.baseline_noise = self.baseline_noise()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
@@ -265,7 +268,8 @@ class Search:
                 self._budget_note(f"epoch {epoch + 1}: {sum(map(len, groups))} idea slots left empty")
                 return
             remaining = []
-            history, baseline = self.ledger.outcomes(until_epoch=epoch), self.baseline_reward()
+            # exploit prompts show the ideas that beat the baseline by more than its noise
+            history, baseline = self.ledger.outcomes(until_epoch=epoch), self.baseline_noise().bar
             with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ideate") as pool:
                 futures = {}
                 for group in groups:
@@ -366,6 +370,13 @@ class Search:
                 "gpus_per_trial": self.shape.gpus,
             },
         ).write()  # fmt: skip
+
+    def create_baseline_repeats(self, epoch: int) -> None:
+        """The epoch's runs of the unmodified baseline on further seeds (noise.baseline_repeats)."""
+        if not self.cfg.run_baseline or self.gpu_budget.exhausted(self.ledger):
+            return
+        for trial_id, seed in noise.repeats_for(self.cfg.noise, self.cfg.seed, epoch):
+            self.create_extra_trial(BASELINE_ID, epoch, trial_id, noise.REPEAT, seed)
 
     def create_extra_trial(self, idea_id: str, epoch: int, trial_id: str, purpose: str, seed: int) -> None:
         """One more seed of an implemented idea (a baseline repeat, a confirmation), run like any
