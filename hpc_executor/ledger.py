@@ -25,12 +25,12 @@ from typing import Any
 
 import pandas as pd
 
-from hpc_executor import gpu_hours
+from hpc_executor import confirm, gpu_hours
 from hpc_executor.errors import LedgerError
 from hpc_executor.types import Idea, Patch, Result, Trial
 
 LEDGER_FILE = "ledger.sqlite"
-TABLES = ("ideas", "patches", "trials", "results", "llm_calls", "trial_usage")
+TABLES = ("ideas", "patches", "trials", "results", "llm_calls", "trial_usage", "confirmations")
 OPEN_STATES = ("pending", "queued", "running")
 
 _SCHEMA = """
@@ -81,7 +81,7 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA)
+        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA)
         self._add_missing_columns()
         self._add_missing_usage()
 
@@ -270,10 +270,13 @@ class Ledger:
         end table; extra seeds (baseline repeats, confirmations) are read through ``extra_trials``."""
         q = """
             SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
-                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours
+                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
+                   c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
+                   c.runs_ok AS confirmed_ok, c.confirmed
             FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
                          LEFT JOIN results r ON r.trial_id = t.trial_id
                          LEFT JOIN trial_usage u ON u.trial_id = t.trial_id
+                         LEFT JOIN confirmations c ON c.idea_id = i.idea_id
         """
         params: tuple[Any, ...] = ()
         if until_epoch is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hpc_executor import confirm
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.noise import BaselineNoise
 
@@ -54,6 +55,7 @@ class Progress:
             "vs baseline",
             "epoch",
             "GPU-h",
+            "confirmed (fresh seeds)",
             "idea",
             "trial dir (patch.diff, train.log)",
         ):
@@ -67,7 +69,7 @@ class Progress:
                 else ""
             )
             table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%{within}", str(r["epoch"] + 1),
-                          f"{r.get('gpu_hours') or 0.0:.3f}", r["title"], where)  # fmt: skip
+                          f"{r.get('gpu_hours') or 0.0:.3f}", confirm.describe(r), r["title"], where)  # fmt: skip
         self.console.print(table)
         counts: dict[str, int] = {}
         for r in rows:

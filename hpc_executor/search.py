@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hpc_executor import gpu_hours, noise
+from hpc_executor import confirm, gpu_hours, noise
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
@@ -227,15 +227,35 @@ class Search:
                     self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the GPU budget is spent "
                                        f"({self.gpu_budget.describe(self.ledger)}); raise budget_gpu_hours to go on")  # fmt: skip
                     break
+            else:  # the search is complete: its winners may be confirmed
+                self.confirm()
         except KeyboardInterrupt:
             self.interrupted()
             raise
         finally:
             self.stop_servers()
+        self.finish()
+
+    def finish(self) -> None:
+        """The end-of-run tables."""
         self.progress.baseline_noise = self.baseline_noise()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
+
+    def confirm(self) -> None:
+        """Run the top ideas again on fresh seeds (confirm.top_k, confirm.seeds), as trials of the
+        last epoch, and record their confirmed reward."""
+        top_k, seeds = self.cfg.confirm.top_k, self.cfg.confirm.seeds
+        if top_k <= 0:
+            return
+        epoch = max(i.epoch for i in self.ledger.ideas())
+        for row in confirm.candidates(self.ledger, top_k):
+            for trial_id, seed in confirm.trials_for(row["idea_id"], self.cfg.seed, seeds):
+                self.create_extra_trial(row["idea_id"], epoch, trial_id, confirm.CONFIRM, seed)
+        self.progress.note(f"confirming the top {top_k} ideas on {seeds} fresh seeds each")
+        self.execute(epoch)
+        confirm.record(self.ledger, self.baseline_noise())
 
     def _calls_left(self, epoch: int) -> bool:
         """Whether this epoch still needs an LLM: empty idea slots, or ideas without a patch."""
@@ -373,7 +393,7 @@ class Search:
 
     def create_baseline_repeats(self, epoch: int) -> None:
         """The epoch's runs of the unmodified baseline on further seeds (noise.baseline_repeats)."""
-        if not self.cfg.run_baseline or self.gpu_budget.exhausted(self.ledger):
+        if not self.cfg.run_baseline:
             return
         for trial_id, seed in noise.repeats_for(self.cfg.noise, self.cfg.seed, epoch):
             self.create_extra_trial(BASELINE_ID, epoch, trial_id, noise.REPEAT, seed)
@@ -385,7 +405,7 @@ class Search:
         if patch is None or patch.status != "applied":
             raise HpcExecutorError(f"idea {idea_id} has no applied diff to run again")
         trial_dir = self.run_dir / "trials" / trial_id
-        if self.ledger.trial_exists(trial_id):
+        if self.ledger.trial_exists(trial_id) or self.gpu_budget.exhausted(self.ledger):
             return
         self._write_trial_dir(trial_dir, trial_id, idea_id, patch, seed)
         self.ledger.add_trial(trial_id, idea_id, epoch, str(trial_dir), purpose=purpose, seed=seed)
@@ -547,6 +567,26 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+
+
+def search_for_run(run_dir: Path, overrides: dict[str, Any]) -> Search:
+    """The driver of an existing run, from the config its ledger recorded, with ``overrides``
+    (dotted keys): for commands that go on with a finished run (confirmation)."""
+    from hpc_executor.config import SearchConfig
+
+    try:
+        ledger = Ledger(run_dir)
+    except HpcExecutorError as exc:
+        raise PreflightError(str(exc)) from None
+    recorded = ledger.get_meta("config")
+    ledger.close()
+    if recorded is None:
+        raise PreflightError(f"{run_dir} has no recorded config: it never started; run the search first")
+    cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), OmegaConf.create(recorded))
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    assert isinstance(cfg, DictConfig)
+    return Search(cfg, run_dir)
 
 
 def trial_shape(cfg: DictConfig) -> Shape:
