@@ -149,6 +149,23 @@ class ConfirmConfig:
 
 
 @dataclass
+class NoveltyConfig:
+    """Dropping new ideas too close to earlier ones before they are implemented (hpc_executor/diversity.py)."""
+
+    enabled: bool = False
+    method: str = "auto"  # auto (embeddings where installed, else jaccard) | jaccard | embedding
+    threshold: float | None = None  # similarity at or above which an idea is dropped (default per method)
+
+
+@dataclass
+class ReportConfig:
+    """The HTML report the search writes at its end (hpc_executor/report.py)."""
+
+    enabled: bool = True
+    similarity: str = "auto"  # idea diversity from: auto (embeddings where installed, and jaccard) | jaccard
+
+
+@dataclass
 class SearchConfig:
     env: EnvConfig = MISSING
     model: ModelConfig = MISSING
@@ -160,6 +177,8 @@ class SearchConfig:
     budget_gpu_hours: float | None = None  # GPU-hours of the run's trials; once reached, no new trials start
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)

@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hpc_executor import confirm, gpu_hours, noise
+from hpc_executor import confirm, gpu_hours, noise, report
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
@@ -242,6 +242,10 @@ class Search:
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
+        if self.cfg.report.enabled:
+            self.progress.console.print(
+                f"report: {report.write(self.run_dir, similarity=self.cfg.report.similarity)}"
+            )
 
     def confirm(self) -> None:
         """Run the top ideas again on fresh seeds (confirm.top_k, confirm.seeds), as trials of the
