@@ -21,12 +21,16 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from hpc_executor.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -162,3 +166,31 @@ class NoveltyFilter:
         best = int(np.argmax(matrix[0, 1:]))
         similarity = float(matrix[0, 1 + best])
         return (earlier[best][0], similarity) if similarity >= self.threshold else None
+
+    def screen(
+        self, texts: Sequence[str], ids: Sequence[str], earlier: Sequence[tuple[str, str]]
+    ) -> tuple[list[int], list[tuple[int, str, float]]]:
+        """Which of a call's new ideas to keep, in order: (kept positions, [(position, neighbour id,
+        similarity)] of the dropped). The i-th kept idea will be recorded as ``ids[i]``, so later
+        ideas of the same call are compared with it too."""
+        known = list(earlier)
+        kept: list[int] = []
+        dropped: list[tuple[int, str, float]] = []
+        for position, text in enumerate(texts):
+            near = self.closest(text, known)
+            if near is None:
+                known.append((ids[len(kept)], text))
+                kept.append(position)
+            else:
+                dropped.append((position, *near))
+        return kept, dropped
+
+
+def record_rejections(ledger: Ledger, call_id: str, epoch: int, ideas: Sequence[tuple[str, str]],
+                      dropped: Sequence[tuple[int, str, float]], method: str) -> None:  # fmt: skip
+    """Record the ideas the novelty filter dropped, with the earlier idea each was too close to."""
+    ledger.db.executemany(
+        "INSERT OR IGNORE INTO novelty_rejections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(call_id, epoch, pos, *ideas[pos], neighbour, similarity, method, time.time())
+         for pos, neighbour, similarity in dropped],
+    )  # fmt: skip

@@ -25,12 +25,21 @@ from typing import Any
 
 import pandas as pd
 
-from hpc_executor import confirm, gpu_hours
+from hpc_executor import confirm, diversity, gpu_hours
 from hpc_executor.errors import LedgerError
 from hpc_executor.types import Idea, Patch, Result, Trial
 
 LEDGER_FILE = "ledger.sqlite"
-TABLES = ("ideas", "patches", "trials", "results", "llm_calls", "trial_usage", "confirmations")
+TABLES = (
+    "ideas",
+    "patches",
+    "trials",
+    "results",
+    "llm_calls",
+    "trial_usage",
+    "confirmations",
+    "novelty_rejections",
+)
 OPEN_STATES = ("pending", "queued", "running")
 
 _SCHEMA = """
@@ -81,7 +90,7 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA)
+        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA)
         self._add_missing_columns()
         self._add_missing_usage()
 

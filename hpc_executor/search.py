@@ -25,7 +25,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from hpc_executor import confirm, gpu_hours, noise, report
+from hpc_executor import confirm, diversity, gpu_hours, noise, report
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.config import register_configs
@@ -78,6 +78,11 @@ class Search:
         self._budget_noted = False
         self.gpu_budget = GpuBudget(cfg.budget_gpu_hours)
         noise.check(cfg.noise)
+        self.novelty = (
+            diversity.NoveltyFilter(cfg.novelty.method, cfg.novelty.threshold)
+            if cfg.novelty.enabled
+            else None
+        )
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
@@ -319,17 +324,37 @@ class Search:
         """Record the call and its ideas together; returns the slots it left empty."""
         self.meter.add(proposal.response.cost_usd)
         outcome = "error" if proposal.response.error else "ok" if proposal.ideas else "no_ideas"
+        ideas, dropped = self._screen(epoch, group, proposal.ideas)
         with self.ledger.transaction():  # the call and its ideas land together, or not at all
             self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response, outcome))
-            for slot, (title, description) in zip(group, proposal.ideas, strict=False):
-                idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, proposal.request.purpose,
+            if dropped and self.novelty:
+                diversity.record_rejections(
+                    self.ledger, call_id, epoch, proposal.ideas, dropped, self.novelty.method
+                )
+            for slot, (title, description) in zip(group, ideas, strict=False):
+                idea = Idea(slot_idea_id(epoch, slot), epoch, title, description, proposal.request.purpose,
                             parents, call_id)  # fmt: skip
                 self.ledger.add_idea(idea, slot.index)
-        rest = group[len(proposal.ideas) :]
-        if rest:
+        rest = group[len(ideas) :]
+        if dropped:
+            self.progress.note(f"epoch {epoch + 1}: the novelty filter dropped {len(dropped)} ideas of {call_id} as "
+                               "too close to earlier ones: " + ", ".join(f"{proposal.ideas[p][0]!r} ~ {n} ({s:.2f})"
+                                                                      for p, n, s in dropped))  # fmt: skip
+        if rest and len(proposal.ideas) < len(group):
             self.progress.note(f"epoch {epoch + 1}: ideator call {call_id} gave {len(proposal.ideas)} of "
                                f"{len(group)} ideas ({proposal.problem or 'short answer'})")  # fmt: skip
         return rest
+
+    def _screen(self, epoch: int, group: list[Slot], ideas: list[tuple[str, str]]
+                ) -> tuple[list[tuple[str, str]], list[tuple[int, str, float]]]:  # fmt: skip
+        """The ideas of a call the novelty filter keeps (all, when it is off), and those it drops."""
+        if self.novelty is None or not ideas:
+            return ideas, []
+        earlier = [(i.idea_id, diversity.idea_text(i.title, i.description)) for i in self.ledger.ideas()
+                   if i.kind != "baseline"]  # fmt: skip
+        ids = [slot_idea_id(epoch, slot) for slot in group]
+        kept, dropped = self.novelty.screen([diversity.idea_text(t, d) for t, d in ideas], ids, earlier)
+        return [ideas[i] for i in kept], dropped
 
     def implement(self, epoch: int) -> None:
         todo = [i for i in self.ledger.ideas(epoch) if self.ledger.patch_for(i.idea_id) is None]
@@ -571,6 +596,11 @@ class Search:
         if epoch == 0:  # the measured baseline replaces the recorded one as soon as it is in
             self.progress.baseline = self.baseline_reward()
         self.progress.epoch_line(epoch, **self.ledger.epoch_progress(epoch))
+
+
+def slot_idea_id(epoch: int, slot: Slot) -> str:
+    """The id of the idea that fills a slot: one per slot, so a resumed run never asks for it twice."""
+    return f"e{epoch}-{slot.index:03d}"
 
 
 def search_for_run(run_dir: Path, overrides: dict[str, Any]) -> Search:
