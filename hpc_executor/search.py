@@ -190,6 +190,15 @@ class Search:
             f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
             f"LLM budget     {usd(self.cfg.budget_usd) if self.cfg.budget_usd else 'none (budget_usd=...)'}; "
             f"up to {self.cfg.model.implementer.max_concurrency} implementer requests at once",
+            "GPU budget     "
+            + (
+                f"{self.cfg.budget_gpu_hours:g} GPU-hours"
+                if self.cfg.budget_gpu_hours
+                else "none (budget_gpu_hours=...)"
+            ),
+            f"integrity      baseline on {self.cfg.noise.baseline_repeats} seeds (an idea beats it above mean + "
+            f"{self.cfg.noise.k:g}·std); confirm the top {self.cfg.confirm.top_k} on {self.cfg.confirm.seeds} "
+            f"fresh seeds; novelty filter {'on' if self.cfg.novelty.enabled else 'off'}",
             *(
                 f"serves        {role}: {cfg.model} as a job ({cfg.serve.gpus} GPUs), started by the run"
                 for role in ROLES

@@ -18,6 +18,8 @@ from conftest import run_search
 from PIL import Image
 
 from hpc_executor import ledger as ledger_module
+from hpc_executor.ledger import Ledger
+from hpc_executor.types import Idea
 
 FIGURES = ["Search curve", "Execution rate", "Outcomes", "Evolutionary search vs best-of-N",
            "Self- vs cross-execution", "Idea diversity", "Thinking length vs execution rate",
@@ -126,3 +128,15 @@ def test_the_report_renders_in_headless_chromium(report: Path) -> None:
             assert pixels.std() > 5, f"{alt} is blank on screen"
     finally:
         browser.close()
+
+
+def test_a_run_without_ideas_yet_still_gets_its_page(tmp_path: Path) -> None:
+    run = Ledger(tmp_path, create=True)
+    run.set_meta("config", "strategy: {name: evolution}\nenv: {reward: {baseline: 1.0}}\n")
+    run.add_idea(Idea("baseline", 0, "Unmodified baseline", "as shipped", kind="baseline"), slot=-1)
+    run.close()
+    page = render(tmp_path, tmp_path / "empty.html", "--similarity", "jaccard")
+    assert 'Outcomes</h2><p class="na">no ideas yet' in page and "no idea executed yet" in page
+    missing = subprocess.run([sys.executable, "-m", "hpc_executor.report", str(tmp_path / "nowhere")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "no run under" in missing.stderr
