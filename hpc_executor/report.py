@@ -335,14 +335,14 @@ def _idea_block(rank: int, r: dict[str, Any]) -> str:
     elif _present(r.get("confirmed_runs")):
         confirmed = "<b class='not'>NOT CONFIRMED</b>: no confirmation run executed"
     else:
-        confirmed = "not confirmed (confirm.top_k)"
+        confirmed = "not run (outside confirm.top_k)"
     log_tail = ""
     if r.get("log_path") and Path(r["log_path"]).is_file():
         log_tail = "\n".join(Path(r["log_path"]).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
     return (
         f"<div class='idea'><h3>{rank}. {html.escape(str(r['title']))}</h3>"
         f"<p>run {html.escape(r['run'])}, epoch {int(r['epoch']) + 1}, {html.escape(str(r['kind']))} · "
-        f"search reward <b>{r['reward']:.4f}</b> (beats the baseline above {r['bar']:.4f}) · confirmed: {confirmed}</p>"
+        f"search reward <b>{r['reward']:.4f}</b> (the bar to beat the baseline: {r['bar']:.4f}) · confirmed: {confirmed}</p>"
         f"<p>{html.escape(str(r.get('description') or ''))}</p>"
         f"<details><summary>diff</summary><pre>{html.escape(r['diff'])}</pre></details>"
         f"<details><summary>log tail</summary><pre>{html.escape(log_tail)}</pre></details></div>"
