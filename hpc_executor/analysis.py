@@ -28,10 +28,13 @@ def outcomes(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         t = load(run)
         calls = t["llm_calls"].assign(idea_id=t["llm_calls"].call_id.str.extract(r"^(e\d+-\d+)-s")[0])
         spend = calls.groupby("idea_id")[["input_tokens", "output_tokens", "cost_usd"]].sum()
+        search_trials = t["trials"][t["trials"].purpose.isna()]  # extra seeds: see noise, confirm
         df = (
             t["ideas"][["idea_id", "epoch", "kind", "title"]]
             .merge(
-                t["trials"][["idea_id", "trial_id", "trial_dir", "job_id", "node"]], on="idea_id", how="left"
+                search_trials[["idea_id", "trial_id", "trial_dir", "job_id", "node"]],
+                on="idea_id",
+                how="left",
             )
             .merge(
                 t["results"][["trial_id", "status", "reward", "runtime_s", "reason"]],

@@ -135,6 +135,40 @@ class SchedulerConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """How noisy the baseline is, and the bar an idea must clear to beat it (hpc_executor/noise.py)."""
+
+    baseline_repeats: int = 1  # runs of the unmodified baseline in epoch 0, on distinct seeds
+    repeat_every: int = 0  # run the baseline_repeats again every this many epochs (0: epoch 0 only)
+    k: float = 2.0  # an idea beats the baseline above mean + k * std of the baseline's runs
+
+
+@dataclass
+class ConfirmConfig:
+    """Re-running the search's winners on fresh seeds at its end (hpc_executor/confirm.py)."""
+
+    top_k: int = 0  # ideas (best reward first) to confirm; 0: none (costs top_k * seeds trials)
+    seeds: int = 2  # fresh seeds per confirmed idea
+
+
+@dataclass
+class NoveltyConfig:
+    """Dropping new ideas too close to earlier ones before they are implemented (hpc_executor/diversity.py)."""
+
+    enabled: bool = False
+    method: str = "auto"  # auto (embeddings where installed, else jaccard) | jaccard | embedding
+    threshold: float | None = None  # similarity at or above which an idea is dropped (default per method)
+
+
+@dataclass
+class ReportConfig:
+    """The HTML report the search writes at its end (hpc_executor/report.py)."""
+
+    enabled: bool = True
+    similarity: str = "auto"  # idea diversity from: auto (embeddings where installed, and jaccard) | jaccard
+
+
+@dataclass
 class SearchConfig:
     env: EnvConfig = MISSING
     model: ModelConfig = MISSING
@@ -143,6 +177,11 @@ class SearchConfig:
     run_name: str = MISSING  # the run directory's name; the same name resumes the same run
     seed: int = 0
     budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
+    budget_gpu_hours: float | None = None  # GPU-hours of the run's trials; once reached, no new trials start
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
+    novelty: NoveltyConfig = field(default_factory=NoveltyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     run_baseline: bool = True  # run the unmodified baseline as a trial of epoch 0 (measured reference)
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     snapshot_interval_s: float = 30.0  # the ledger's snapshot for readers on other hosts is renewed at most

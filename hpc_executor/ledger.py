@@ -28,12 +28,22 @@ from typing import Any
 
 import pandas as pd
 
+from hpc_executor import confirm, diversity, gpu_hours
 from hpc_executor.errors import LedgerError
 from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
 LEDGER_FILE = "ledger.sqlite"
 SNAPSHOT_FILE = "ledger.snapshot.sqlite"  # see Ledger.publish_snapshot and load
-TABLES = ("ideas", "patches", "trials", "results", "llm_calls")
+TABLES = (
+    "ideas",
+    "patches",
+    "trials",
+    "results",
+    "llm_calls",
+    "trial_usage",
+    "confirmations",
+    "novelty_rejections",
+)
 OPEN_STATES = ("pending", "queued", "running")
 
 _SCHEMA = """
@@ -70,6 +80,8 @@ _ADDED_COLUMNS = [
     ("llm_calls", "cache_write_tokens", "INTEGER"),
     ("llm_calls", "cache_read_tokens", "INTEGER"),
     ("llm_calls", "cache_saved_usd", "REAL"),
+    ("trials", "purpose", "TEXT"),  # NULL: the idea's search trial; baseline_repeat, confirm: extra seeds
+    ("trials", "seed", "INTEGER"),  # the seed of an extra trial (search trials run the run's seed)
 ]
 
 
@@ -90,8 +102,9 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA)
         self._add_missing_columns()
+        self._add_missing_usage()
 
     def _add_missing_columns(self) -> None:
         """Ledgers written before a column existed get it (empty), so old runs resume and load."""
@@ -99,6 +112,19 @@ class Ledger:
             have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    def _add_missing_usage(self) -> None:
+        """Results recorded before trial_usage existed get their row, from their provenance."""
+        rows = self.db.execute(
+            "SELECT r.trial_id, r.runtime_s, r.provenance FROM results r"
+            " LEFT JOIN trial_usage u USING (trial_id) WHERE u.trial_id IS NULL"
+        ).fetchall()
+        usage = [
+            gpu_hours.usage_row(r["trial_id"], r["runtime_s"], json.loads(r["provenance"] or "{}"))
+            for r in rows
+        ]
+        if usage:
+            self.db.executemany(gpu_hours.INSERT_USAGE, usage)
 
     def close(self) -> None:
         self.db.close()
@@ -158,13 +184,15 @@ class Ledger:
         )  # fmt: skip
 
     def add_trial(
-        self, trial_id: str, idea_id: str, epoch: int, trial_dir: str, state: str = "pending"
-    ) -> None:
+        self, trial_id: str, idea_id: str, epoch: int, trial_dir: str, state: str = "pending",
+        purpose: str | None = None, seed: int | None = None,
+    ) -> None:  # fmt: skip
+        """``purpose`` and ``seed`` mark an extra seed of an idea (a baseline repeat, a confirmation)."""
         now = time.time()
         self.db.execute(
-            "INSERT OR IGNORE INTO trials (trial_id, idea_id, epoch, trial_dir, state, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (trial_id, idea_id, epoch, trial_dir, state, now, now),
+            "INSERT OR IGNORE INTO trials (trial_id, idea_id, epoch, trial_dir, state, created_at, updated_at,"
+            " purpose, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (trial_id, idea_id, epoch, trial_dir, state, now, now, purpose, seed),
         )
 
     def intend_submission(self, token: str, trial_ids: list[str]) -> None:
@@ -209,6 +237,7 @@ class Ledger:
         result that names the job that ran it (the worker's do) makes that the trial's job."""
         results = list(results)
         now = time.time()
+        results = list(results)
         rows = [
             (r.trial_id, r.status.value, r.reward, json.dumps(r.metrics), r.runtime_s, r.log_path,
              r.log_tail, r.reason, json.dumps(r.provenance, default=str), now)
@@ -220,6 +249,10 @@ class Ledger:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             new = db.total_changes - before
+            db.executemany(
+                gpu_hours.INSERT_USAGE,
+                [gpu_hours.usage_row(r.trial_id, r.runtime_s, r.provenance) for r in results],
+            )
             db.executemany(
                 "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
                 [(now, row[0]) for row in rows],
@@ -303,22 +336,40 @@ class Ledger:
         return Patch(r["idea_id"], r["diff"], r["status"], r["reason"] or "", r["attempts"] or 0,
                      json.loads(r["llm_call_ids"] or "[]"))  # fmt: skip
 
+    def trial_exists(self, trial_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM trials WHERE trial_id = ?", (trial_id,)).fetchone() is not None
+
     def has_trial(self, idea_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM trials WHERE idea_id = ?", (idea_id,)).fetchone() is not None
+        """Whether the idea's search trial exists (extra seeds of it aside)."""
+        q = "SELECT 1 FROM trials WHERE idea_id = ? AND purpose IS NULL"
+        return self.db.execute(q, (idea_id,)).fetchone() is not None
 
     def outcomes(self, until_epoch: int | None = None) -> list[dict[str, Any]]:
-        """One row per idea with its result (status, reward), for strategies and the end table."""
+        """One row per idea with its search trial's result (status, reward), for strategies and the
+        end table; extra seeds (baseline repeats, confirmations) are read through ``extra_trials``."""
         q = """
             SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
-                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s
-            FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id
+                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
+                   c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
+                   c.runs_ok AS confirmed_ok, c.confirmed
+            FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
                          LEFT JOIN results r ON r.trial_id = t.trial_id
+                         LEFT JOIN trial_usage u ON u.trial_id = t.trial_id
+                         LEFT JOIN confirmations c ON c.idea_id = i.idea_id
         """
         params: tuple[Any, ...] = ()
         if until_epoch is not None:
             q += " WHERE i.epoch <= ?"
             params = (until_epoch,)
         return [dict(r) for r in self.db.execute(q + " ORDER BY i.epoch, i.slot", params)]
+
+    def extra_trials(self, purpose: str) -> list[dict[str, Any]]:
+        """Trials of one purpose (baseline_repeat, confirm) with their seed and result, oldest first."""
+        q = """
+            SELECT t.trial_id, t.idea_id, t.epoch, t.seed, t.state, t.trial_dir, r.status, r.reward
+            FROM trials t LEFT JOIN results r USING (trial_id) WHERE t.purpose = ? ORDER BY t.created_at, t.trial_id
+        """
+        return [dict(r) for r in self.db.execute(q, (purpose,))]
 
     def epoch_progress(self, epoch: int) -> dict[str, Any]:
         """The counts of the progress line: this epoch's ideas (the baseline aside), how many have a
@@ -333,7 +384,7 @@ class Ledger:
         )
         (best,) = self.db.execute(
             "SELECT max(r.reward) FROM results r JOIN trials t USING (trial_id)"
-            " WHERE r.status = 'ok' AND t.idea_id != 'baseline'"
+            " WHERE r.status = 'ok' AND t.idea_id != 'baseline' AND t.purpose IS NULL"
         ).fetchone()
         return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
 

@@ -10,7 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from hpc_executor import confirm
 from hpc_executor.budget import CostMeter, usd
+from hpc_executor.noise import BaselineNoise
 
 log = logging.getLogger("hpc_executor.search")
 OFFLINE_NOTE = "offline stand-in (not an LLM; tokens are chars/4)"
@@ -27,6 +29,7 @@ class Progress:
         # the table is the run's answer: stdout, wide enough for paths when piped to a file
         self.console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         self._last = ""
+        self.baseline_noise: BaselineNoise | None = None  # the baseline's spread over seeds, when measured
 
     def epoch_line(self, epoch: int, ideas: int, implemented: int, trials: dict[str, int],
                    best: float | None) -> None:  # fmt: skip
@@ -47,16 +50,30 @@ class Progress:
     def final_table(self, rows: list[dict[str, Any]], run_dir: Path, top: int = 10) -> Table:
         """Best ideas first, then a summary of how the others ended."""
         ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: -r["reward"])
-        table = Table(
-            title=f"Best ideas of {_short(run_dir)}", caption=f"baseline reward {self.baseline:.4f}"
-        )
-        for col in ("rank", "reward", "vs baseline", "epoch", "idea", "trial dir (patch.diff, train.log)"):
+        noise = self.baseline_noise
+        caption = noise.describe() if noise else f"baseline reward {self.baseline:.4f}"
+        table = Table(title=f"Best ideas of {_short(run_dir)}", caption=caption)
+        for col in (
+            "rank",
+            "reward",
+            "vs baseline",
+            "epoch",
+            "GPU-h",
+            "confirmed (fresh seeds)",
+            "idea",
+            "trial dir (patch.diff, train.log)",
+        ):
             table.add_column(col, overflow="fold")
         for rank, r in enumerate(ok[:top], 1):
             where = _short(Path(r["trial_dir"])) if r["trial_dir"] else ""
             delta = (r["reward"] - self.baseline) / abs(self.baseline) * 100 if self.baseline else 0.0
-            table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%", str(r["epoch"] + 1),
-                          r["title"], where)  # fmt: skip
+            within = (
+                " (within noise)"
+                if noise is not None and noise.n > 1 and not noise.beats(r["reward"])
+                else ""
+            )
+            table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%{within}", str(r["epoch"] + 1),
+                          f"{r.get('gpu_hours') or 0.0:.3f}", confirm.describe(r), r["title"], where)  # fmt: skip
         self.console.print(table)
         counts: dict[str, int] = {}
         for r in rows:
@@ -68,6 +85,21 @@ class Progress:
             "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             + f" | execution rate {rate:.0f}% | ledger: {_short(run_dir / 'ledger.sqlite')}"
         )  # fmt: skip
+        return table
+
+    def gpu_table(self, by_epoch: list[dict[str, Any]], budget: str) -> Table:
+        """GPU-hours and trial runtime per epoch and kind of trial, and the run's total."""
+        table = Table(title="GPU-hours", caption=budget)
+        for col in ("epoch", "trials of", "trials", "runtime h", "GPU-hours"):
+            table.add_column(col, justify="left" if col in ("epoch", "trials of") else "right")
+        for row in by_epoch:
+            table.add_row(str(row["epoch"] + 1), row["purpose"], str(row["trials"]),
+                          f"{row['runtime_s'] / 3600:.3f}", f"{row['gpu_hours']:.3f}")  # fmt: skip
+        table.add_section()
+        table.add_row("all", "", str(sum(r["trials"] for r in by_epoch)),
+                      f"{sum(r['runtime_s'] for r in by_epoch) / 3600:.3f}",
+                      f"{sum(r['gpu_hours'] for r in by_epoch):.3f}")  # fmt: skip
+        self.console.print(table)
         return table
 
     def usage_table(self, usage: list[dict[str, Any]], meter: CostMeter) -> Table:

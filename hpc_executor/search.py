@@ -27,6 +27,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from hpc_executor import confirm, diversity, gpu_hours, noise, report
 from hpc_executor.budget import CostMeter, usd
 from hpc_executor.cancel import CANCELLED_META, cancel_run
 from hpc_executor.claim import CLAIM_FILE, claim_holder, release_claim
@@ -35,6 +36,7 @@ from hpc_executor.config_checks import bound_problems, command_line_problems, ru
 from hpc_executor.crashpoints import crash_point
 from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.errors import HpcExecutorError, PreflightError, RunCancelled
+from hpc_executor.gpu_hours import GpuBudget
 from hpc_executor.ideator import Ideator, Proposal
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
@@ -80,6 +82,13 @@ class Search:
                                cfg.model.ideator.thinking_budget_search)  # fmt: skip
         self.meter = CostMeter(cfg.budget_usd)  # the spend of earlier sessions is added in open()
         self._budget_noted = False
+        self.gpu_budget = GpuBudget(cfg.budget_gpu_hours)
+        noise.check(cfg.noise)
+        self.novelty = (
+            diversity.NoveltyFilter(cfg.novelty.method, cfg.novelty.threshold)
+            if cfg.novelty.enabled
+            else None
+        )
         self.implementer = Implementer(self.implementer_llm, self.env, cfg.model.samples, cfg.model.revisions,
                                        cfg.model.implementer.thinking_budget, self.meter)  # fmt: skip
         self.shape = trial_shape(cfg)
@@ -178,11 +187,11 @@ class Search:
         self.config_hash = hashlib.sha256(config.encode()).hexdigest()[:16]
 
     def baseline_reward(self) -> float:
-        """The measured baseline when this run has one, else the environment's recorded value."""
-        for row in self.ledger.outcomes(until_epoch=0):
-            if row["kind"] == "baseline" and row["status"] == "ok":
-                return float(row["reward"])
-        return float(self.cfg.env.reward.baseline)
+        """The measured baseline (the mean of its seeds) when this run has one, else the recorded value."""
+        return self.baseline_noise().mean
+
+    def baseline_noise(self) -> noise.BaselineNoise:
+        return noise.measure(self.ledger, self.cfg.noise.k, float(self.cfg.env.reward.baseline))
 
     def plan(self) -> str:
         """What this run will do, for check_only."""
@@ -200,6 +209,15 @@ class Search:
             f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
             f"LLM budget     {usd(self.cfg.budget_usd) if self.cfg.budget_usd else 'none (budget_usd=...)'}; "
             f"up to {self.cfg.model.implementer.max_concurrency} implementer requests at once",
+            "GPU budget     "
+            + (
+                f"{self.cfg.budget_gpu_hours:g} GPU-hours"
+                if self.cfg.budget_gpu_hours
+                else "none (budget_gpu_hours=...)"
+            ),
+            f"integrity      baseline on {self.cfg.noise.baseline_repeats} seeds (an idea beats it above mean + "
+            f"{self.cfg.noise.k:g}·std); confirm the top {self.cfg.confirm.top_k} on {self.cfg.confirm.seeds} "
+            f"fresh seeds; novelty filter {'on' if self.cfg.novelty.enabled else 'off'}",
             *(
                 f"serves        {role}: {cfg.model} as a job ({cfg.serve.gpus} GPUs), started by the run"
                 for role in ROLES
@@ -231,20 +249,51 @@ class Search:
                 # the trials' turn: free the servers' GPUs, unless kept for the next epoch's calls
                 self.stop_servers(between_epochs=epoch + 1 < s.epochs and not self.meter.exhausted())
                 self.create_trials(epoch)
+                self.create_baseline_repeats(epoch)
                 self.execute(epoch)
                 self.progress.baseline = self.baseline_reward()
                 if self.meter.exhausted() and epoch + 1 < s.epochs:
                     self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the LLM budget is spent "
                                        f"({self.meter.describe()}); raise budget_usd to go on")  # fmt: skip
                     break
+                if self.gpu_budget.exhausted(self.ledger):
+                    self.progress.note(f"stopping after epoch {epoch + 1} of {s.epochs}: the GPU budget is spent "
+                                       f"({self.gpu_budget.describe(self.ledger)}); raise budget_gpu_hours to go on")  # fmt: skip
+                    break
+            else:  # the search is complete: its winners may be confirmed
+                self.confirm()
         except KeyboardInterrupt:
             self.interrupted()
             raise
         finally:
             self.stop_servers()
             self._publish_snapshot(force=True)
+        self.finish()
+
+    def finish(self) -> None:
+        """The end-of-run tables."""
+        self.progress.baseline_noise = self.baseline_noise()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
+        self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
+        if self.cfg.report.enabled:
+            self.progress.console.print(
+                f"report: {report.write(self.run_dir, similarity=self.cfg.report.similarity)}"
+            )
+
+    def confirm(self) -> None:
+        """Run the top ideas again on fresh seeds (confirm.top_k, confirm.seeds), as trials of the
+        last epoch, and record their confirmed reward."""
+        top_k, seeds = self.cfg.confirm.top_k, self.cfg.confirm.seeds
+        if top_k <= 0:
+            return
+        epoch = max(i.epoch for i in self.ledger.ideas())
+        for row in confirm.candidates(self.ledger, top_k):
+            for trial_id, seed in confirm.trials_for(row["idea_id"], self.cfg.seed, seeds):
+                self.create_extra_trial(row["idea_id"], epoch, trial_id, confirm.CONFIRM, seed)
+        self.progress.note(f"confirming the top {top_k} ideas on {seeds} fresh seeds each")
+        self.execute(epoch)
+        confirm.record(self.ledger, self.baseline_noise())
 
     def _calls_left(self, epoch: int) -> bool:
         """Whether this epoch still needs an LLM: empty idea slots, or ideas without a patch."""
@@ -277,7 +326,8 @@ class Search:
                 self._budget_note(f"epoch {epoch + 1}: {sum(map(len, groups))} idea slots left empty")
                 return
             remaining = []
-            history, baseline = self.ledger.outcomes(until_epoch=epoch), self.baseline_reward()
+            # exploit prompts show the ideas that beat the baseline by more than its noise
+            history, baseline = self.ledger.outcomes(until_epoch=epoch), self.baseline_noise().bar
             with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="ideate") as pool:
                 futures = {}
                 for group in groups:
@@ -304,17 +354,37 @@ class Search:
         """Record the call and its ideas together; returns the slots it left empty."""
         self.meter.add(proposal.response.cost_usd)
         outcome = "error" if proposal.response.error else "ok" if proposal.ideas else "no_ideas"
+        ideas, dropped = self._screen(epoch, group, proposal.ideas)
         with self.ledger.transaction():  # the call and its ideas land together, or not at all
             self._record_call("ideator", epoch, Call(call_id, proposal.request, proposal.response, outcome))
-            for slot, (title, description) in zip(group, proposal.ideas, strict=False):
-                idea = Idea(f"e{epoch}-{slot.index:03d}", epoch, title, description, proposal.request.purpose,
+            if dropped and self.novelty:
+                diversity.record_rejections(
+                    self.ledger, call_id, epoch, proposal.ideas, dropped, self.novelty.method
+                )
+            for slot, (title, description) in zip(group, ideas, strict=False):
+                idea = Idea(slot_idea_id(epoch, slot), epoch, title, description, proposal.request.purpose,
                             parents, call_id)  # fmt: skip
                 self.ledger.add_idea(idea, slot.index)
-        rest = group[len(proposal.ideas) :]
-        if rest:
+        rest = group[len(ideas) :]
+        if dropped:
+            self.progress.note(f"epoch {epoch + 1}: the novelty filter dropped {len(dropped)} ideas of {call_id} as "
+                               "too close to earlier ones: " + ", ".join(f"{proposal.ideas[p][0]!r} ~ {n} ({s:.2f})"
+                                                                      for p, n, s in dropped))  # fmt: skip
+        if rest and len(proposal.ideas) < len(group):
             self.progress.note(f"epoch {epoch + 1}: ideator call {call_id} gave {len(proposal.ideas)} of "
                                f"{len(group)} ideas ({proposal.problem or 'short answer'})")  # fmt: skip
         return rest
+
+    def _screen(self, epoch: int, group: list[Slot], ideas: list[tuple[str, str]]
+                ) -> tuple[list[tuple[str, str]], list[tuple[int, str, float]]]:  # fmt: skip
+        """The ideas of a call the novelty filter keeps (all, when it is off), and those it drops."""
+        if self.novelty is None or not ideas:
+            return ideas, []
+        earlier = [(i.idea_id, diversity.idea_text(i.title, i.description)) for i in self.ledger.ideas()
+                   if i.kind != "baseline"]  # fmt: skip
+        ids = [slot_idea_id(epoch, slot) for slot in group]
+        kept, dropped = self.novelty.screen([diversity.idea_text(t, d) for t, d in ideas], ids, earlier)
+        return [ideas[i] for i in kept], dropped
 
     def implement(self, epoch: int) -> None:
         todo = [i for i in self.ledger.ideas(epoch) if self.ledger.patch_for(i.idea_id) is None]
@@ -341,6 +411,8 @@ class Search:
                                "to go on.")  # fmt: skip
 
     def create_trials(self, epoch: int) -> None:
+        if self.gpu_budget.exhausted(self.ledger):  # the ideas stay without trials until the budget is raised
+            return
         for idea in self.ledger.ideas(epoch):
             patch = self.ledger.patch_for(idea.idea_id)
             if patch is None or self.ledger.has_trial(idea.idea_id):
@@ -351,28 +423,51 @@ class Search:
                 self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
                 self.ledger.record_results([Result(trial_id, Status(patch.status), reason=patch.reason)])
                 continue
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            # a directory left by a crash before add_trial
-            for stale in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):
-                (trial_dir / stale).unlink(missing_ok=True)
-            (trial_dir / DIFF_FILE).write_text(patch.diff or "")
-            TrialSpec(
-                trial_id=trial_id,
-                trial_dir=str(trial_dir),
-                env=cast(dict[str, Any], OmegaConf.to_container(self.cfg.env, resolve=True))
-                | {"dir": str(self.env.dir), "data_dir": str(self.env.data_dir)},
-                seed=self.cfg.seed,
-                keep_workspace=self.cfg.keep_workspaces,
-                isolate_pids=self.cfg.isolate_pids,
-                provenance={
-                    "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
-                    "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
-                    "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
-                    "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
-                    "seed": self.cfg.seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,
-                },
-            ).write()  # fmt: skip
+            self._write_trial_dir(trial_dir, trial_id, idea.idea_id, patch, self.cfg.seed)
             self.ledger.add_trial(trial_id, idea.idea_id, epoch, str(trial_dir))
+
+    def _write_trial_dir(self, trial_dir: Path, trial_id: str, idea_id: str, patch: Patch, seed: int) -> None:
+        """The trial's directory (diff and spec), written before its ledger row exists."""
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (RESULT_FILE, STARTED_FILE, CLAIM_FILE):  # a directory left by a crash before add_trial
+            (trial_dir / stale).unlink(missing_ok=True)
+        (trial_dir / DIFF_FILE).write_text(patch.diff or "")
+        TrialSpec(
+            trial_id=trial_id,
+            trial_dir=str(trial_dir),
+            env=cast(dict[str, Any], OmegaConf.to_container(self.cfg.env, resolve=True))
+            | {"dir": str(self.env.dir), "data_dir": str(self.env.data_dir)},
+            seed=seed,
+            keep_workspace=self.cfg.keep_workspaces,
+            isolate_pids=self.cfg.isolate_pids,
+            provenance={
+                "idea_id": idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
+                "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
+                "diff_sha256": hashlib.sha256((patch.diff or "").encode()).hexdigest(),
+                "ideator": self.ideator_llm.label, "implementer": self.implementer_llm.label,
+                "seed": seed, "run_dir": str(self.run_dir), "config_sha256": self.config_hash,
+                "gpus_per_trial": self.shape.gpus,
+            },
+        ).write()  # fmt: skip
+
+    def create_baseline_repeats(self, epoch: int) -> None:
+        """The epoch's runs of the unmodified baseline on further seeds (noise.baseline_repeats)."""
+        if not self.cfg.run_baseline:
+            return
+        for trial_id, seed in noise.repeats_for(self.cfg.noise, self.cfg.seed, epoch):
+            self.create_extra_trial(BASELINE_ID, epoch, trial_id, noise.REPEAT, seed)
+
+    def create_extra_trial(self, idea_id: str, epoch: int, trial_id: str, purpose: str, seed: int) -> None:
+        """One more seed of an implemented idea (a baseline repeat, a confirmation), run like any
+        trial; a trial that exists already is left as it is, so a resumed run creates each once."""
+        patch = self.ledger.patch_for(idea_id)
+        if patch is None or patch.status != "applied":
+            raise HpcExecutorError(f"idea {idea_id} has no applied diff to run again")
+        trial_dir = self.run_dir / "trials" / trial_id
+        if self.ledger.trial_exists(trial_id) or self.gpu_budget.exhausted(self.ledger):
+            return
+        self._write_trial_dir(trial_dir, trial_id, idea_id, patch, seed)
+        self.ledger.add_trial(trial_id, idea_id, epoch, str(trial_dir), purpose=purpose, seed=seed)
 
     def execute(self, epoch: int) -> None:
         """Dispatch pending trials within capacity and poll until no trial is open.
@@ -391,7 +486,8 @@ class Search:
             adopted = self._adopt_submissions()  # first: a result must not be ingested before its job
             changed = (adopted or 0) + self.ledger.poll()
             open_trials = self.ledger.open_trials()
-            if not open_trials:
+            held = self.gpu_budget.exhausted(self.ledger)  # pending trials wait for a larger budget
+            if not open_trials or (held and all(t.state == "pending" for t in open_trials)):
                 self._show(epoch)
                 return
             if time.monotonic() >= next_query:
@@ -420,7 +516,7 @@ class Search:
         )
         capacity = self.scheduler.capacity(self.shape)
         room = len(pending) if capacity is None else max(0, capacity - (len(open_trials) - len(pending)))
-        batch = pending[:room]
+        batch = [] if self.gpu_budget.exhausted(self.ledger) else pending[:room]
         if not batch:
             return 0
         # at most once: the intent is recorded first, and a driver killed after it is adopted from
@@ -607,6 +703,31 @@ def _job_of(trial: Trial) -> str:
     """The job id of a trial past pending (the ledger records it with the submission)."""
     assert trial.job_id is not None, f"trial {trial.trial_id} is {trial.state} but has no job id"
     return trial.job_id
+
+
+def slot_idea_id(epoch: int, slot: Slot) -> str:
+    """The id of the idea that fills a slot: one per slot, so a resumed run never asks for it twice."""
+    return f"e{epoch}-{slot.index:03d}"
+
+
+def search_for_run(run_dir: Path, overrides: dict[str, Any]) -> Search:
+    """The driver of an existing run, from the config its ledger recorded, with ``overrides``
+    (dotted keys): for commands that go on with a finished run (confirmation)."""
+    from hpc_executor.config import SearchConfig
+
+    try:
+        ledger = Ledger(run_dir)
+    except HpcExecutorError as exc:
+        raise PreflightError(str(exc)) from None
+    recorded = ledger.get_meta("config")
+    ledger.close()
+    if recorded is None:
+        raise PreflightError(f"{run_dir} has no recorded config: it never started; run the search first")
+    cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), OmegaConf.create(recorded))
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    assert isinstance(cfg, DictConfig)
+    return Search(cfg, run_dir)
 
 
 def trial_shape(cfg: DictConfig) -> Shape:

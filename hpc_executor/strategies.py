@@ -41,7 +41,9 @@ class Strategy:
         self, purpose: str, epoch: int, history: list[dict[str, Any]], baseline: float
     ) -> list[dict[str, Any]]:
         """The earlier ideas a call is shown. ``history``: one dict per idea of earlier epochs
-        (and, for ``ideate``, of this epoch so far) with title, description, status, reward."""
+        (and, for ``ideate``, of this epoch so far) with title, description, status, reward.
+        ``baseline``: the reward an idea must exceed to beat the baseline (its mean + k·std, see
+        ``noise``); exploit calls are shown only those ideas."""
         ideas = [h for h in history if h["kind"] != "baseline"]
         if purpose == "exploit":
             winners = [h for h in ideas if h.get("status") == "ok" and (h.get("reward") or 0) > baseline]

@@ -89,7 +89,8 @@ def test_results_survive_reopening_and_load_into_pandas_and_parquet(tmp_path: Pa
                         prompt="p", response="r")  # fmt: skip
     ledger.close()
     frames = ledger_module.load(tmp_path)
-    assert set(frames) == {"ideas", "patches", "trials", "results", "llm_calls"}
+    assert set(frames) == {"ideas", "patches", "trials", "results", "llm_calls", "trial_usage", "confirmations",
+                           "novelty_rejections"}  # fmt: skip
     assert frames["results"].metrics.iloc[0] == {"loss": 1.0}
     out = ledger_module.export_parquet(tmp_path)
     back = pd.read_parquet(out / "results.parquet")

@@ -98,7 +98,8 @@ def test_a_spent_budget_stops_new_calls_and_a_larger_one_resumes(tmp_path: Path)
     assert list(calls.outcome) == ["ok", "applied"]
     assert calls.cost_usd.sum() == pytest.approx(2 * 0.001035)
     assert frames["results"].set_index("trial_id").loc["e0-000-t0", "status"] == "ok"
-    usage_rows = [line.split("│") for line in second.stdout.splitlines() if line.count("│") == 12]
+    usage_table = second.stdout.split("LLM usage")[1]
+    usage_rows = [line.split("│") for line in usage_table.splitlines() if line.count("│") == 12]
     assert [cells[1].strip() for cells in usage_rows] == ["ideator", "implementer", "all"]
     assert "$0.0021 of $1.00 spent" in second.stdout
 

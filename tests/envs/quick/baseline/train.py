@@ -12,6 +12,9 @@ for _ in range(params.STEPS):
     grad = 2 * (x - 1.0)
     velocity = params.MOMENTUM * velocity - params.LEARNING_RATE * grad
     x += velocity
+if os.environ.get("QUICK_SEED_NOISE"):  # the tests' seed-to-seed noise: an offset in [-0.5, 0.5) x amplitude
+    seed = int(os.environ["HPCX_SEED"])
+    x += float(os.environ["QUICK_SEED_NOISE"]) * ((seed * 2654435761) % 1000 / 1000 - 0.5)
 print(f"trained: x={x:.6f}", flush=True)
 if os.environ.get("QUICK_PRINT_ENV"):
     print(json.dumps(dict(os.environ)), flush=True)
