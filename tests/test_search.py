@@ -248,11 +248,15 @@ def test_ctrl_c_in_a_terminal_asks_before_cancelling(tmp_path: Path, answer: str
         proc = run_search(*args, cwd=tmp_path)  # the next driver finds their results
         assert proc.returncode == 0, proc.stderr[-2000:]
         frames = ledger_module.load(run_dir)
-        # Every trial has its one result, and each was submitted exactly once.
+        # Every trial has its one result; each that ran was submitted exactly once, and one whose
+        # idea never became a diff was never submitted.
         trials, results = frames["trials"], frames["results"]
         assert sorted(results.trial_id) == sorted(trials.trial_id) and len(trials) == 4, trials.to_string()
-        assert (trials.submissions == 1).all(), trials[["trial_id", "state", "submissions"]].to_string()
-        ran = frames["trials"].merge(frames["results"], on="trial_id")
+        ran = trials.merge(results, on="trial_id")
+        never_ran = ran.status.isin(["implement_failed", "patch_rejected"])
+        table = ran[["trial_id", "status", "job_id", "submissions"]].to_string()
+        assert (ran[~never_ran].submissions == 1).all() and ran[~never_ran].job_id.notna().all(), table
+        assert (ran[never_ran].submissions == 0).all(), table
         assert (ran[ran.status == "ok"].submissions == 1).all(), "the trials survived the Ctrl-C"
 
 
