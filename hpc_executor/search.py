@@ -342,6 +342,7 @@ class Search:
                 seed=self.cfg.seed,
                 keep_workspace=self.cfg.keep_workspaces,
                 isolate_pids=self.cfg.isolate_pids,
+                sandbox=self.cfg.sandbox,
                 provenance={
                     "idea_id": idea.idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
                     "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
