@@ -165,3 +165,26 @@ def test_under_none_the_same_attempts_succeed(tmp_path: Path, host_tmp: Path, mo
     # the worker's own checks catch the rewritten evaluator, not the rest
     assert result.status is Status.INVALID_RESULT and "evaluate.py" in result.reason
     assert result.provenance["sandbox"] == "none"
+
+
+@pytest.mark.slurm
+@bwrap_works
+def test_a_hostile_trial_in_a_real_slurm_job_is_contained(
+    tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_slurm import cluster_up, scheduler_for, wait_for
+
+    from hpc_executor.scheduler import Shape
+
+    if not cluster_up():
+        pytest.skip("no local Slurm cluster; start one with `bash slurm/start-local-cluster.sh` (root, apt-get)")
+    run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "bwrap")
+    before = run.snapshot()
+    scheduler_for(tmp_path).submit([str(run.trial)], Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=300))
+    wait_for(lambda: (run.trial / RESULT_FILE).exists(), what="the hostile trial's result")
+    result, report = run.result(), run.report()
+    assert blocked(report) == ATTEMPTS, report
+    assert result.status is Status.OK and result.reward == pytest.approx(1 / (0.1 + (TARGET_X - 1) ** 2))
+    assert result.provenance["sandbox"] == "bwrap" and result.provenance["slurm_job_id"]
+    after = {p: h for p, h in run.snapshot().items() if "/submitit/" not in p}  # the job's own logs
+    assert after == before and not server.reached.is_set()
