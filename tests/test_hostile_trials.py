@@ -10,7 +10,8 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,50 +118,67 @@ def host_tmp() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def hostile_run(tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch, sandbox: str):
+@dataclass
+class Outcome:
+    run: HostileRun
+    server: LoopbackServer
+    before: dict[str, str]  # HostileRun.snapshot() before the trial ran
+    result: Result
+    report: dict[str, str]  # attempt -> "managed" | "blocked: why"
+
+
+def run_hostile(
+    tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch, sandbox: str,
+    execute: Callable[[HostileRun], object] = lambda run: run_trial(str(run.trial)),
+) -> Outcome:  # fmt: skip
+    """Set up the hostile run with a planted key in a fake HOME, run its trial with ``execute``."""
     server = LoopbackServer()
     run = HostileRun(tmp_path, host_tmp, server.port, sandbox)
     monkeypatch.setenv("HOME", str(run.home))
-    return run, server
+    before = run.snapshot()
+    execute(run)
+    return Outcome(run, server, before, run.result(), run.report())
 
 
 def blocked(report: dict[str, str]) -> set[str]:
     return {name for name, outcome in report.items() if outcome.startswith("blocked")}
 
 
+def assert_contained(o: Outcome, not_ours: str = "") -> None:
+    """Every attempt failed, the trial scored what it legitimately did, and nothing outside its
+    workspace changed (files whose path holds ``not_ours`` are the scheduler's, not the trial's)."""
+    assert set(o.report) == ATTEMPTS
+    assert blocked(o.report) == ATTEMPTS, {k: v for k, v in o.report.items() if k not in blocked(o.report)}
+    print(f"bwrap: {len(blocked(o.report))}/{len(ATTEMPTS)} attempts blocked", json.dumps(o.report, indent=1))
+    assert o.result.status is Status.OK, o.result.reason
+    assert o.result.reward == pytest.approx(1 / (0.1 + (TARGET_X - 1) ** 2))
+    assert o.result.metrics["val_bytes"] == 16 * 64, "the evaluator reads the eval-only data"
+    assert o.result.provenance["sandbox"] == "bwrap" and o.result.provenance["sandbox_requested"] == "bwrap"
+    after = {p: h for p, h in o.run.snapshot().items() if not (not_ours and not_ours in p)}
+    assert after == o.before, "something outside the trial's workspace changed"
+    assert not o.server.reached.is_set()
+
+
 @bwrap_works
 def test_under_bwrap_every_hostile_attempt_fails_and_the_trial_still_scores(
     tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "bwrap")
-    before = run.snapshot()
-    run_trial(str(run.trial))
-    result, report = run.result(), run.report()
-    assert set(report) == ATTEMPTS
-    assert blocked(report) == ATTEMPTS, {k: v for k, v in report.items() if k not in blocked(report)}
-    print(f"bwrap: {len(blocked(report))}/{len(ATTEMPTS)} attempts blocked", json.dumps(report, indent=1))
-    assert result.status is Status.OK, result.reason
-    assert result.reward == pytest.approx(1 / (0.1 + (TARGET_X - 1) ** 2))
-    assert result.metrics["val_bytes"] == 16 * 64, "the evaluator reads the eval-only data"
-    assert result.provenance["sandbox"] == "bwrap" and result.provenance["sandbox_requested"] == "bwrap"
-    assert run.snapshot() == before, "something outside the trial's workspace changed"
-    assert not server.reached.is_set()
-    assert "Resource temporarily unavailable" in report["fork_bomb"]  # EAGAIN: RLIMIT_NPROC
-    assert "File too large" in report["huge_file"]  # EFBIG: RLIMIT_FSIZE
+    outcome = run_hostile(tmp_path, host_tmp, monkeypatch, "bwrap")
+    assert_contained(outcome)
+    assert "Resource temporarily unavailable" in outcome.report["fork_bomb"]  # EAGAIN: RLIMIT_NPROC
+    assert "File too large" in outcome.report["huge_file"]  # EFBIG: RLIMIT_FSIZE
 
 
 def test_under_none_the_same_attempts_succeed(
     tmp_path: Path, host_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What sandbox=none does not protect: everything but the file-size limit."""
-    run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "none")
-    before = run.snapshot()
-    run_trial(str(run.trial))
-    report, result = run.report(), run.result()
+    o = run_hostile(tmp_path, host_tmp, monkeypatch, "none")
+    run, report, result, before = o.run, o.report, o.result, o.before
     assert set(report) - blocked(report) == UNPROTECTED_BY_NONE, report
     assert blocked(report) == {"huge_file"}
     print(f"none: {len(blocked(report))}/{len(ATTEMPTS)} attempts blocked")
-    assert server.reached.is_set()
+    assert o.server.reached.is_set()
     assert (host_tmp / "planted").exists() and (run.sibling / RESULT_FILE).exists()
     changed = {p for p in set(before) | set(run.snapshot()) if before.get(p) != run.snapshot().get(p)}
     assert {Path(p).name for p in changed} == {
@@ -188,13 +206,11 @@ def test_a_hostile_trial_in_a_real_slurm_job_is_contained(
         pytest.skip(
             "no local Slurm cluster; start one with `bash slurm/start-local-cluster.sh` (root, apt-get)"
         )
-    run, server = hostile_run(tmp_path, host_tmp, monkeypatch, "bwrap")
-    before = run.snapshot()
-    scheduler_for(tmp_path).submit([str(run.trial)], Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=300))
-    wait_for(lambda: (run.trial / RESULT_FILE).exists(), what="the hostile trial's result")
-    result, report = run.result(), run.report()
-    assert blocked(report) == ATTEMPTS, report
-    assert result.status is Status.OK and result.reward == pytest.approx(1 / (0.1 + (TARGET_X - 1) ** 2))
-    assert result.provenance["sandbox"] == "bwrap" and result.provenance["slurm_job_id"]
-    after = {p: h for p, h in run.snapshot().items() if "/submitit/" not in p}  # the job's own logs
-    assert after == before and not server.reached.is_set()
+
+    def submit(run: HostileRun) -> None:
+        scheduler_for(tmp_path).submit([str(run.trial)], Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=300))
+        wait_for(lambda: (run.trial / RESULT_FILE).exists(), what="the hostile trial's result")
+
+    outcome = run_hostile(tmp_path, host_tmp, monkeypatch, "bwrap", submit)
+    assert_contained(outcome, not_ours="/submitit/")  # the job's own logs
+    assert outcome.result.provenance["slurm_job_id"]
