@@ -8,6 +8,7 @@ ignore SIGTERM.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -159,9 +160,8 @@ SANDBOX_MODES = ("auto", "bwrap", "none")
 # run directories, other users and credentials live. Anything else a trial needs is bound by name.
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 GPU_DEVICE_GLOBS = ("nvidia*", "nvidia-caps", "dri")  # nvidia0.., nvidiactl, nvidia-uvm, caps, DRM
-# Running as root, the trial runs as this uid instead: root ignores RLIMIT_NPROC, and a trial
-# should not be root anyway.
-UNPRIVILEGED_UID = 65534  # nobody
+# Root ignores RLIMIT_NPROC: a trial started as root gets a pids cgroup of its own below ours.
+PIDS_CGROUP_PREFIX = "hpcx-trial-"
 
 
 class SandboxUnavailable(PreflightError):
@@ -196,7 +196,7 @@ class Limits:
             opts.append(f"--fsize={self.file_size_bytes}")
         if self.open_files:
             opts.append(f"--nofile={_below_hard_limit(resource.RLIMIT_NOFILE, self.open_files)}")
-        if self.processes and sandboxed:
+        if self.processes and sandboxed and os.geteuid() != 0:
             opts.append(f"--nproc={_below_hard_limit(resource.RLIMIT_NPROC, self.processes)}")
         prlimit = shutil.which("prlimit")
         return [prlimit, *opts, "--"] if opts and prlimit else []
@@ -236,16 +236,17 @@ class Sandbox:
         if self.kind == "none":
             return [*pid_namespace_prefix(self.isolate_pids), *limits.prlimit_argv(False), *argv]
         assert self.bwrap
-        return bwrap_argv(self.bwrap, view, limits, argv)
+        return [*self.process_limit(limits), *bwrap_argv(self.bwrap, view, limits, argv)]
 
-    def hand_over(self, *paths: Path) -> None:
-        """Make the trial's writable directories its own (as root it runs as UNPRIVILEGED_UID)."""
-        if self.kind != "bwrap" or os.geteuid() != 0:
-            return
-        for top in paths:
-            for root, dirs, files in os.walk(top):
-                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                    os.lchown(name, UNPRIVILEGED_UID, UNPRIVILEGED_UID)
+    def process_limit(self, limits: Limits) -> list[str]:
+        """As root, an argv prefix that starts the sandbox in a pids cgroup capped at
+        ``limits.processes``; [] when not root (RLIMIT_NPROC does it) or no cgroup can be made."""
+        if self.kind != "bwrap" or os.geteuid() != 0 or not limits.processes:
+            return []
+        group = _new_pids_cgroup(limits.processes)
+        if group is None:
+            return []
+        return ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(group)]
 
     def provenance(self) -> dict[str, str]:
         return {"sandbox": self.kind, "sandbox_requested": self.requested, "sandbox_why": self.why}
@@ -309,7 +310,9 @@ def _auto_paths(view: View) -> list[Path]:
 
 class _Mounts:
     """bwrap mount arguments, with the directories above each one made traversable (bwrap would
-    copy the host's modes: a 0700 /root above a venv locks an unprivileged trial out of it)."""
+    copy the host's modes: a 0700 /root above a venv locks an unprivileged trial out of it) and
+    read-only (0555: a trial cannot make files in the skeleton around its workspace, not even in
+    the sandbox's own copy of it)."""
 
     def __init__(self) -> None:
         self.args: list[str] = []
@@ -320,7 +323,7 @@ class _Mounts:
         dest = Path(paths[-1])
         for parent in reversed(dest.parents):
             if parent not in self.made:
-                self.args += ["--perms", "0755", "--dir", str(parent)]
+                self.args += ["--perms", "0555", "--dir", str(parent)]
                 self.made.add(parent)
         self.args += [*options, op, *map(str, paths)]
         self.made.add(dest)
@@ -332,7 +335,7 @@ class _Mounts:
         if not any(_inside(h, path) for h in hidden):
             self.add("--ro-bind", path, path)
             return
-        self.add("--dir", path)
+        self.add("--dir", path, options=("--perms", "0555"))
         for entry in sorted(path.iterdir()):
             self.read_only(entry, hidden)
 
@@ -370,13 +373,47 @@ def bwrap_argv(bwrap: str, view: View, limits: Limits, argv: list[str], *,
     args += m.args
     args += ["--setenv", "HOME", view.home, "--setenv", "TMPDIR", "/tmp", "--chdir", str(view.cwd)]
     if os.geteuid() == 0:
-        # bwrap runs privileged as root (no user namespace): the trial drops to an unprivileged uid
-        # (so RLIMIT_NPROC applies) without any capability or way back (setuid binaries)
-        uid = str(UNPRIVILEGED_UID)
-        args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--", shutil.which("setpriv") or "setpriv",
-                 f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--inh-caps=-all",
-                 "--bounding-set=-all"]  # fmt: skip
+        # bwrap runs privileged as root (no user namespace) and would leave root its capabilities:
+        # without them it is the owner of root's files, and nothing more
+        args += ["--cap-drop", "ALL"]
     return [*args, "--", *limits.prlimit_argv(True), *argv]
+
+
+def _new_pids_cgroup(processes: int) -> Path | None:
+    """A pids cgroup (v1 or v2) below this process's own, capped at ``processes``; None where
+    there is none to make (no pids controller, or not delegated). Empty ones left by earlier trials
+    are removed on the way, and this one when the process exits."""
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [
+        path
+        for _, controllers, path in (line.split(":", 2) for line in lines)
+        if "pids" in controllers.split(",")
+    ]
+    v2 = [path for hierarchy, _, path in (line.split(":", 2) for line in lines) if hierarchy == "0"]
+    if v1:
+        base = Path("/sys/fs/cgroup/pids") / v1[0].lstrip("/")
+    elif v2:
+        base = Path("/sys/fs/cgroup") / v2[0].lstrip("/")
+    else:
+        return None
+    for stale in base.glob(PIDS_CGROUP_PREFIX + "*"):
+        with contextlib.suppress(OSError):  # busy: a trial still runs in it
+            stale.rmdir()
+    group = base / f"{PIDS_CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        group.mkdir()
+        (group / "pids.max").write_text(str(processes))
+    except OSError:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        return None
+    atexit.register(_remove_cgroup, group)
+    return group
+
+
+def _remove_cgroup(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        group.rmdir()
 
 
 @functools.cache

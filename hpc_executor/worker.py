@@ -154,7 +154,6 @@ class TrialRunner:
                 return self._result(Status.CRASHED, reason=f"the diff no longer applies: {exc}")
 
         env_vars = self.env.trial_env(self.spec.seed) | {"HPCX_OUTPUT_DIR": str(self.output)}
-        self.sandbox.hand_over(self.workspace, self.output)
         train = run_in_group(
             self.sandbox.wrap(
                 self.env.command(self.env.cfg.run_command), self._view(training=True), self.limits
@@ -187,7 +186,6 @@ class TrialRunner:
             )
 
         copy_baseline(self.env.baseline_dir, self.evaluator)  # pristine: never the workspace's copy
-        self.sandbox.hand_over(self.evaluator)
         metrics_path = self.evaluator / "metrics.json"  # where a sandboxed evaluator may write
         evaluation = run_in_group(
             self.sandbox.wrap(
