@@ -173,7 +173,7 @@ class Limits:
     """Per-trial resource limits (``env.limits``); None leaves the node's own limit."""
 
     file_size_bytes: int | None = None  # RLIMIT_FSIZE: the largest file a trial can write
-    processes: int | None = None  # RLIMIT_NPROC: processes and threads (bwrap only, see README)
+    processes: int | None = None  # processes and threads: RLIMIT_NPROC, as root a pids cgroup (bwrap only)
     open_files: int | None = None  # RLIMIT_NOFILE, capped at the node's hard limit
     tmp_bytes: int | None = None  # size of the private /tmp and HOME (tmpfs, so in memory)
 
@@ -188,9 +188,9 @@ class Limits:
         )
 
     def prlimit_argv(self, sandboxed: bool) -> list[str]:
-        """``prlimit`` options for the trial (inside the sandbox, after any uid change). The process
-        limit only inside a user namespace or as an unprivileged uid: outside, it would count every
-        process of the user on the node."""
+        """``prlimit`` and its options, to run the trial under. The process limit only in the
+        sandbox's user namespace (outside one it would count every process of the user on the node)
+        and not as root, whom RLIMIT_NPROC exempts (``Sandbox.process_limit`` does it then)."""
         opts = []
         if self.file_size_bytes:
             opts.append(f"--fsize={self.file_size_bytes}")
