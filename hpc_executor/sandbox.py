@@ -381,8 +381,9 @@ def bwrap_argv(bwrap: str, view: View, limits: Limits, argv: list[str], *,
 
 def _new_pids_cgroup(processes: int) -> Path | None:
     """A pids cgroup (v1 or v2) below this process's own, capped at ``processes``; None where
-    there is none to make (no pids controller, or not delegated). Empty ones left by earlier trials
-    are removed on the way, and this one when the process exits."""
+    there is none to make (no pids controller, or not delegated). Empty ones left by this process's
+    earlier trials or by workers that died are removed on the way (not those of live workers: they
+    may not have joined theirs yet), and this one when the process exits."""
     lines = Path("/proc/self/cgroup").read_text().splitlines()
     v1 = [
         path
@@ -397,8 +398,10 @@ def _new_pids_cgroup(processes: int) -> Path | None:
     else:
         return None
     for stale in base.glob(PIDS_CGROUP_PREFIX + "*"):
-        with contextlib.suppress(OSError):  # busy: a trial still runs in it
-            stale.rmdir()
+        creator = stale.name.removeprefix(PIDS_CGROUP_PREFIX).split("-")[0]
+        if creator == str(os.getpid()) or not Path(f"/proc/{creator}").exists():
+            with contextlib.suppress(OSError):  # busy: a trial still runs in it
+                stale.rmdir()
     group = base / f"{PIDS_CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
     try:
         group.mkdir()
