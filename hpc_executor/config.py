@@ -29,6 +29,16 @@ class ResourcesConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What one trial may use of its node (README: what is and is not enforced where)."""
+
+    max_file_gb: float = 64.0  # the largest file a trial may write (RLIMIT_FSIZE); 0 = the node's
+    max_processes: int = 8192  # its processes and threads (RLIMIT_NPROC; sandbox=bwrap only); 0 = the node's
+    max_open_files: int = 65536  # RLIMIT_NOFILE, at most the node's hard limit; 0 = the node's
+    tmp_gb: float = 16.0  # size cap of the private /tmp and HOME under bwrap (tmpfs: memory); 0 = none
+
+
+@dataclass
 class EnvConfig:
     name: str = MISSING
     description: str = ""  # what the environment is, for the ideator's prompt
@@ -45,6 +55,12 @@ class EnvConfig:
     requires: list[str] = field(default_factory=list)  # files under data_dir that must exist
     eval_data: list[str] = field(default_factory=list)  # files under data_dir the evaluator reads: hashed at
     # the run's start and checked before every evaluation, since trials could write to them
+    eval_only: list[str] = field(default_factory=list)  # files or globs under data_dir that training must
+    # not see (sandbox=bwrap leaves them out of its view): the test split; hashed and checked like eval_data
+    network: bool = False  # the trial may reach the network (sandbox=bwrap; else only its own loopback)
+    read_only_paths: list[str] = field(default_factory=list)  # more paths a sandboxed trial may read
+    # (a model cache, a site's software tree); the system, Python and HF_HOME are there already
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     extra_env: dict[str, str] = field(default_factory=dict)  # extra variables for run and eval
     catalog: str | None = None  # idea catalog for the offline stand-in, relative to dir
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -186,6 +202,9 @@ class SearchConfig:
     isolate_pids: str = "auto"  # trials in their own PID namespace where permitted: auto | on | off
     snapshot_interval_s: float = 30.0  # the ledger's snapshot for readers on other hosts is renewed at most
     # this often while the run changes, and always when the driver stops (see README, "Reading a run from another host")
+    # bwrap: trials see only their workspace, output and data (README "Trial sandbox"); auto: bwrap
+    # where it works here, else none (said in the plan, at start and in every trial's provenance)
+    sandbox: str = "auto"
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
     dry_run: bool = False  # print the sbatch script an epoch's trials would be submitted with, then stop

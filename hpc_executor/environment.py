@@ -99,12 +99,23 @@ class Environment:
             digest.update(rel.encode() + b"\0" + (self.baseline_dir / rel).read_bytes() + b"\0")
         return digest.hexdigest()[:16]
 
+    def eval_only_paths(self) -> list[Path]:
+        """The files (globs expanded) that training must not see: ``eval_only`` under data_dir."""
+        found = {p for pattern in self.cfg.eval_only for p in self.data_dir.glob(pattern)}
+        return sorted(found)
+
+    def checked_eval_data(self) -> list[str]:
+        """What the evaluator reads and is hashed: ``eval_data``, then eval-only files not in it."""
+        extra = [p.relative_to(self.data_dir).as_posix() for p in self.eval_only_paths()]
+        return [*self.cfg.eval_data, *(rel for rel in extra if rel not in self.cfg.eval_data)]
+
     def eval_data_hash(self) -> str:
-        """sha256 over the evaluation data (``eval_data``), "" when none is declared."""
-        if not self.cfg.eval_data:
+        """sha256 over the evaluation data (``checked_eval_data``), "" when none is declared."""
+        checked = self.checked_eval_data()
+        if not checked:
             return ""
         digest = hashlib.sha256()
-        for rel in self.cfg.eval_data:
+        for rel in checked:
             digest.update(rel.encode() + b"\0")
             with (self.data_dir / rel).open("rb") as f:
                 while chunk := f.read(1 << 20):

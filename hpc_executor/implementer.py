@@ -26,7 +26,8 @@ from hpc_executor.budget import CostMeter
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
-from hpc_executor.patching import apply_diff, check_answer_size
+from hpc_executor.patching import check_answer_size
+from hpc_executor.timed_apply import apply_diff_in_time
 from hpc_executor.types import Idea, Patch
 from hpc_executor.worker import copy_baseline
 
@@ -221,4 +222,4 @@ class Implementer:
         with tempfile.TemporaryDirectory(prefix="hpcx-check-") as tmp:
             workspace = Path(tmp) / "workspace"
             copy_baseline(self.env.baseline_dir, workspace)
-            return apply_diff(answer, workspace, self.env.policy)
+            return apply_diff_in_time(answer, workspace, self.env.policy)

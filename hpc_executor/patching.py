@@ -779,15 +779,20 @@ def _git_apply(diff: str, workspace: Path, check: bool) -> None:
     argv = ["git", "apply", "--recount", "--unidiff-zero", "-C1", "--whitespace=nowarn", "-p1", "-"]
     if check:
         argv.insert(2, "--check")
-    proc = subprocess.run(
-        argv,
-        input=diff,
-        cwd=workspace,
-        env=_git_env(workspace),
-        capture_output=True,
-        text=True,
-        timeout=_GIT_TIMEOUT_S,
-    )
+    try:
+        proc = subprocess.run(
+            argv,
+            input=diff,
+            cwd=workspace,
+            env=_git_env(workspace),
+            capture_output=True,
+            text=True,
+            timeout=_GIT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise PatchRejected(
+            f"git apply took longer than {_GIT_TIMEOUT_S}s and was stopped; the diff was not applied"
+        ) from None
     if proc.returncode != 0:
         message = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
         if len(message) > _MAX_ERROR_CHARS:

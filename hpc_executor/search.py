@@ -45,7 +45,7 @@ from hpc_executor.llm.credentials import required_env_vars
 from hpc_executor.llm.retry import RetryingLLM
 from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
-from hpc_executor.sandbox import drop_secrets_from_environ, tail
+from hpc_executor.sandbox import SandboxUnavailable, drop_secrets_from_environ, resolve_sandbox, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
@@ -69,6 +69,7 @@ class Search:
         self.run_dir = run_dir
         self.env = Environment(cfg.env)
         preflight(cfg, self.env)
+        self.sandbox = resolve_sandbox(cfg.sandbox, cfg.isolate_pids)  # probed by preflight: cached
         self.ideator_llm, self.implementer_llm = (self._make_llm(role) for role in ROLES)
         for role in ROLES:  # a wrong model name or key fails here, before any work is queued
             if not cfg.model[role].serve.enabled:
@@ -207,6 +208,7 @@ class Search:
             f"exploit slots per epoch {[self.strategy.exploit_count(e) for e in range(s.epochs)]}",
             f"trials         {shape.gpus} GPUs, {shape.cpus} CPUs, {shape.mem_gb} GB each; budget "
             f"{self.cfg.env.budget_s}s, hard limit {self.cfg.env.hard_limit_s}s; scheduler {self.cfg.scheduler.name}",
+            f"sandbox        {self.sandbox.describe()}",
             f"LLM budget     {usd(self.cfg.budget_usd) if self.cfg.budget_usd else 'none (budget_usd=...)'}; "
             f"up to {self.cfg.model.implementer.max_concurrency} implementer requests at once",
             "GPU budget     "
@@ -236,6 +238,8 @@ class Search:
             self.run_dir, self.env.name, s.name, s.epochs, s.batch_size, self.ideator_llm.label,
             self.implementer_llm.label, self.cfg.scheduler.name,
         )  # fmt: skip
+        if self.sandbox.kind == "none":
+            log.warning("sandbox %s; every trial's provenance says so", self.sandbox.describe())
         if self.cfg.run_baseline:
             self.ledger.add_idea(Idea(BASELINE_ID, 0, "Unmodified baseline", "The baseline as shipped.",
                                       kind="baseline"), slot=-1)  # fmt: skip
@@ -440,6 +444,7 @@ class Search:
             seed=seed,
             keep_workspace=self.cfg.keep_workspaces,
             isolate_pids=self.cfg.isolate_pids,
+            sandbox=self.cfg.sandbox,
             provenance={
                 "idea_id": idea_id, "env": self.env.name, "baseline_hash": self.ledger.get_meta("baseline_hash"),
                 "eval_data_hash": self.ledger.get_meta("eval_data_hash"),
@@ -768,6 +773,10 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         problems.append(
             "scheduler=slurm but sbatch is not on PATH; run on a Slurm login node or use scheduler=local"
         )
+    try:
+        resolve_sandbox(cfg.sandbox, cfg.isolate_pids)
+    except SandboxUnavailable as exc:
+        problems.append(str(exc))
     if problems:
         raise PreflightError("cannot start:\n  - " + "\n  - ".join(problems))
 

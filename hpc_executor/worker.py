@@ -28,9 +28,18 @@ from typing import Any
 from hpc_executor.claim import claim_trial, current_job_id
 from hpc_executor.environment import Environment
 from hpc_executor.errors import PatchFailed, PatchRejected
-from hpc_executor.patching import apply_diff
-from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ, tail
+from hpc_executor.sandbox import (
+    Limits,
+    Sandbox,
+    SandboxUnavailable,
+    View,
+    resolve_sandbox,
+    run_in_group,
+    scrubbed_environ,
+    tail,
+)
 from hpc_executor.storage import ran_out_of_space
+from hpc_executor.timed_apply import apply_diff_in_time
 from hpc_executor.types import Result, Status
 
 SPEC_FILE = "spec.json"
@@ -49,6 +58,7 @@ class TrialSpec:
     seed: int = 0
     keep_workspace: bool = False
     isolate_pids: str = "auto"  # run training in its own PID namespace: auto | on | off
+    sandbox: str = "auto"  # auto | bwrap | none, resolved on the node that runs the trial
     provenance: dict[str, Any] = field(default_factory=dict)  # idea, models, config hash ...
 
     def write(self) -> None:
@@ -113,6 +123,8 @@ class TrialRunner:
         self.output = self.dir / "output"
         self.started = time.monotonic()
         self.where = where_am_i()  # once: it asks nvidia-smi
+        self.sandbox = Sandbox(spec.sandbox, "none", "not started")
+        self.limits = Limits.from_config(self.env.cfg.limits)
 
     def run(self) -> Result:
         write_atomic(self.dir / STARTED_FILE, json.dumps(self.where, sort_keys=True))
@@ -129,6 +141,10 @@ class TrialRunner:
                 shutil.rmtree(self.evaluator, ignore_errors=True)
 
     def _run(self) -> Result:
+        try:
+            self.sandbox = resolve_sandbox(self.spec.sandbox, self.spec.isolate_pids)
+        except SandboxUnavailable as exc:
+            return self._result(Status.CRASHED, reason=str(exc))
         changed = self._baseline_changed()
         if changed:  # an earlier trial, or a person, edited the environment after the run started
             return self._result(Status.CRASHED, reason=f"{changed} since the run started; restore it, or start a "
@@ -137,7 +153,7 @@ class TrialRunner:
         diff = (self.dir / DIFF_FILE).read_text() if (self.dir / DIFF_FILE).exists() else ""
         if diff.strip():
             try:
-                apply_diff(diff, self.workspace, self.env.policy)
+                apply_diff_in_time(diff, self.workspace, self.env.policy)
             except PatchRejected as exc:
                 return self._result(Status.PATCH_REJECTED, reason=str(exc))
             except PatchFailed as exc:
@@ -145,7 +161,9 @@ class TrialRunner:
 
         env_vars = self.env.trial_env(self.spec.seed) | {"HPCX_OUTPUT_DIR": str(self.output)}
         train = run_in_group(
-            [*pid_namespace_prefix(self.spec.isolate_pids), *self.env.command(self.env.cfg.run_command)],
+            self.sandbox.wrap(
+                self.env.command(self.env.cfg.run_command), self._view(training=True), self.limits
+            ),
             cwd=self.workspace,
             env=scrubbed_environ(os.environ, env_vars),
             log_path=self.dir / TRAIN_LOG,
@@ -177,15 +195,16 @@ class TrialRunner:
             )
 
         copy_baseline(self.env.baseline_dir, self.evaluator)  # pristine: never the workspace's copy
-        metrics_path = self.dir / "metrics.json"
-        metrics_path.unlink(missing_ok=True)
+        metrics_path = self.evaluator / "metrics.json"  # where a sandboxed evaluator may write
         eval_vars = {
             "HPCX_WORKSPACE": str(self.workspace),
             "HPCX_METRICS_PATH": str(metrics_path),
             "HPCX_TRAIN_SECONDS": str(train_seconds),  # time to target from the worker's clock
         }
         evaluation = run_in_group(
-            self.env.command(self.env.cfg.eval_command),
+            self.sandbox.wrap(
+                self.env.command(self.env.cfg.eval_command), self._view(training=False), self.limits
+            ),
             cwd=self.evaluator,
             env=scrubbed_environ(os.environ, env_vars | eval_vars),
             log_path=self.dir / EVAL_LOG,
@@ -212,6 +231,18 @@ class TrialRunner:
             return (f"training killed at the budget of {cfg.budget_s}s + {cfg.save_margin_s}s to save (the worker "
                     "enforces HPCX_TIME_BUDGET_S: training must stop and save by itself before then)")  # fmt: skip
         return f"training killed at the hard limit of {cfg.hard_limit_s}s"
+
+    def _view(self, training: bool) -> View:
+        """What the sandbox shows: training its workspace and output, and the data without the
+        eval-only files; the evaluator its pristine copy, and the data, workspace and output read-only."""
+        cfg = self.env.cfg
+        extra = tuple(Path(p) for p in cfg.read_only_paths)
+        common = {"private": (self.dir, self.env.dir), "network": cfg.network}
+        if training:
+            return View(self.workspace, (self.workspace, self.output), (self.env.data_dir, *extra),
+                        tuple(self.env.eval_only_paths()), **common)  # fmt: skip
+        return View(self.evaluator, (self.evaluator,), (self.env.data_dir, self.workspace, self.output, *extra),
+                    **common)  # fmt: skip
 
     def _baseline_changed(self) -> str:
         """Why the environment's baseline is not the one this trial was created for, or ""."""
@@ -264,7 +295,10 @@ class TrialRunner:
             log_path=str(log_path),
             log_tail=tail(log_path),
             reason=reason,
-            provenance=self.spec.provenance | self.where | {"packages": package_versions()},
+            provenance=self.spec.provenance
+            | self.where
+            | self.sandbox.provenance()
+            | {"packages": package_versions()},
         )
 
 

@@ -69,7 +69,7 @@ def results_count(run_dir: Path) -> int:
 def test_resume_after_the_driver_is_killed_mid_epoch(tmp_path: Path) -> None:
     run_log = tmp_path / "runs.log"
     args = ("+env=quick", "+model=offline", "+env.extra_env.QUICK_SLEEP_S=1.5",
-            f"+env.extra_env.QUICK_RUN_LOG={run_log}")  # fmt: skip
+            f"+env.extra_env.QUICK_RUN_LOG={run_log}", "sandbox=none")  # the log: outside the workspace  # fmt: skip
     driver = subprocess.Popen(
         search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -238,6 +238,7 @@ def test_a_requeued_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> Non
         tmp_path,
         "+env.extra_env.QUICK_SLEEP_S=8",
         f"+env.extra_env.QUICK_RUN_LOG={runs}",
+        "sandbox=none",  # the run log lies outside the workspace
         "env.hard_limit_s=60",
     )
     job = running_job(tmp_path)
@@ -263,7 +264,7 @@ def test_a_slurm_time_limit_kill_is_recorded_as_timeout_with_the_log_tail(tmp_pa
 def test_a_killed_driver_reattaches_to_its_jobs(tmp_path: Path) -> None:
     runs = tmp_path / "runs.log"
     args = ("+env=quick", "+model=offline", "strategy.epochs=2", *FAST, "+env.extra_env.QUICK_SLEEP_S=6",
-            f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
+            f"+env.extra_env.QUICK_RUN_LOG={runs}", "sandbox=none")  # the log: outside the workspace  # fmt: skip
     driver = subprocess.Popen(
         search_cmd(*args), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -345,7 +346,7 @@ def test_a_preempted_trial_runs_again_and_is_recorded_once(tmp_path: Path) -> No
     """A higher-priority job (partition urgent) takes the node: the trial is requeued and reruns."""
     runs = tmp_path / "runs.log"
     driver = start_driver(tmp_path, "env.resources.gpus=8", "env.hard_limit_s=60", "+env.extra_env.QUICK_SLEEP_S=8",
-                          f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
+                          f"+env.extra_env.QUICK_RUN_LOG={runs}", "sandbox=none")  # fmt: skip
     job = running_job(tmp_path)
     wait_for(lambda: runs.exists(), what="the first run to start training")
     subprocess.run(["sbatch", "-p", "urgent", "--gpus=8", "-J", "preemptor", "-o", "/dev/null", "--wrap", "sleep 2"], check=True,

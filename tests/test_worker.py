@@ -249,9 +249,9 @@ def test_a_trial_that_rewrites_the_environments_own_evaluator_is_invalid(tmp_pat
     trial_dir.mkdir()
     line = f'open("{env_dir}/baseline/evaluate.py", "a").write("# rewritten")'
     (trial_dir / DIFF_FILE).write_text(training_line_diff(line))
-    TrialSpec(
-        "t1", str(trial_dir), config, provenance={"baseline_hash": Environment(config).baseline_hash()}
-    ).write()
+    # unsandboxed, the trial can write there (under bwrap it cannot: tests/test_hostile_trials.py)
+    TrialSpec("t1", str(trial_dir), config, sandbox="none",
+              provenance={"baseline_hash": Environment(config).baseline_hash()}).write()  # fmt: skip
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
     assert result.status is Status.INVALID_RESULT
@@ -305,7 +305,7 @@ def test_a_trial_that_writes_to_the_evaluation_data_is_invalid(tmp_path: Path) -
     trial_dir = tmp_path / "trial"
     trial_dir.mkdir()
     (trial_dir / DIFF_FILE).write_text(diff)
-    TrialSpec("t1", str(trial_dir), env, provenance={"eval_data_hash": expected}).write()
+    TrialSpec("t1", str(trial_dir), env, sandbox="none", provenance={"eval_data_hash": expected}).write()
     run_trial(str(trial_dir))
     result = result_of(trial_dir)
     assert result.status is Status.INVALID_RESULT and "answers.txt" in result.reason
