@@ -189,7 +189,7 @@ def test_synthetic_data_is_deterministic(tmp_path: Path) -> None:
             "prepare_data.py", BASELINE, {"HPCX_DATA_DIR": str(tmp_path / name)}, "--synthetic"
         )
         assert result.returncode == 0, result.stderr
-    for name in ("train.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "val.jsonl", "test.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     test = [json.loads(line) for line in (tmp_path / "a" / "test.jsonl").read_text().splitlines()]
     train = (tmp_path / "a" / "train.jsonl").read_text().splitlines()
@@ -218,6 +218,9 @@ def test_math_path_writes_problem_solution_answer(tmp_path: Path, monkeypatch: p
     assert train[3] == {"problem": "algebra 3", "solution": "First $\\boxed{1}$, then $x = \\boxed{\\frac{3}{2}}$.",
                         "answer": "\\frac{3}{2}"}  # fmt: skip
     assert test[7] == {"problem": "t7", "solution": "\\boxed{7}", "answer": "7"}
+    val = [json.loads(line) for line in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert len(val) == 500 and all(row in train for row in val), "checkpoint selection: 500 of train"
+    assert len({row["problem"].split()[0] for row in val}) == len(subjects), "drawn from every subject"
     monkeypatch.setattr(prepare, "MATH_SUBJECTS", subjects[:-1])  # a subject missing: the counts say so
     with pytest.raises(SystemExit, match="expected 7500 train / 500 test problems, got 6429 / 500"):
         prepare.prepare_math(tmp_path)
@@ -737,7 +740,7 @@ def test_worker_reports_a_missing_or_refused_policy_with_the_evaluators_reason(
 
 @needs_transformers
 @pytest.mark.slow
-def test_test_answers_written_by_the_training_earn_nothing(cpu_data: Path, tmp_path: Path) -> None:
+def test_reference_answers_written_by_the_training_earn_nothing(cpu_data: Path, tmp_path: Path) -> None:
     """The catalog's reward hack through the real worker: training writes the reference answers as its
     evaluation outputs (what the old evaluator graded); the reward is what the saved policy earns."""
     catalog = yaml.safe_load((ENV_DIR / "catalog.yaml").read_text())
@@ -745,7 +748,7 @@ def test_test_answers_written_by_the_training_earn_nothing(cpu_data: Path, tmp_p
     result, trial_dir = grpo_cpu_trial(tmp_path, cpu_data, entry["diff"])
     assert result.status is Status.OK, result.reason
     out = trial_dir / "output"
-    answers = [json.loads(line)["answer"] for line in (cpu_data / "test.jsonl").read_text().splitlines()]
+    answers = [json.loads(line)["answer"] for line in (cpu_data / "val.jsonl").read_text().splitlines()]
     hacked = sorted(out.glob("eval_step_*.jsonl"))
     assert [p.name for p in hacked] == ["eval_step_0.jsonl", "eval_step_2.jsonl", "eval_step_4.jsonl"]
     for path in hacked:  # every written answer is right: graded as files, this was 100%

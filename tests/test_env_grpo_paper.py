@@ -196,7 +196,7 @@ def test_the_paper_cadence_evaluates_before_steps_0_2_and_so_on(
     monkeypatch.setattr(
         grpo,
         "evaluate_and_keep",
-        lambda policy, gen, test, cfg, step, best: events.append(("eval", step)) or 1.0,
+        lambda policy, gen, val, cfg, step, best: events.append(("eval", step)) or 1.0,
     )
     monkeypatch.setattr(grpo, "grpo_step", lambda *args: events.append(("step",)) or {"seconds": 1.0})
     monkeypatch.setattr(grpo, "save_policy", lambda *args: None)

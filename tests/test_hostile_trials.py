@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from hpc_executor.claim import CLAIM_FILE
 from hpc_executor.sandbox import resolve_sandbox
 from hpc_executor.types import Result, Status
 from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
@@ -96,7 +97,9 @@ class HostileRun:
     def snapshot(self) -> dict[str, str]:
         """Every file outside the trial's own workspace, output and logs, with its content hash."""
         own = [self.trial / d for d in ("workspace", "output", "evaluator")]
-        own_files = {self.trial / n for n in ("train.log", "eval.log", RESULT_FILE, "started.json")}
+        own_files = {
+            self.trial / n for n in ("train.log", "eval.log", RESULT_FILE, "started.json", CLAIM_FILE)
+        }
         files = {}
         for top in (self.root, self.host_tmp):
             for p in sorted(top.rglob("*")):

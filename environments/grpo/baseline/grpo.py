@@ -4,11 +4,12 @@ Each step samples `prompts_per_step` training problems, draws `group_size` respo
 rewards 1 for a correctly formatted and correct answer, turns rewards into group-normalised
 advantages and takes `train_batch_size`-sized optimizer steps over the rollouts in order with the
 clipped GRPO loss (the building blocks are in grpo_loss.py; tokenisation and log-probs are below).
-As in the paper, the policy answers all test problems once before steps 0, 2, ..., 18 (`eval_every`
-= 2; `eval_cadence`); the graded answers go to the log and choose the policy to hand over: at the
-end, the policy of the best such evaluation is saved to
-$HPCX_OUTPUT_DIR/policy/ (save_pretrained: weights, config, tokenizer). The reward is the frozen
-evaluator's own evaluation of that saved policy; nothing else this script writes is read.
+As in the paper, the policy answers all selection problems once before steps 0, 2, ..., 18
+(`eval_every` = 2; `eval_cadence`). The paper's were the test set; ours are val.jsonl, a fixed sample
+of the training problems, because the test set is the frozen evaluator's alone. The graded answers go
+to the log and choose the policy to hand over: at the end, the policy of the best such evaluation is
+saved to $HPCX_OUTPUT_DIR/policy/ (save_pretrained: weights, config, tokenizer). The reward is the
+frozen evaluator's own evaluation of that saved policy; nothing else this script writes is read.
 
 Presets (GRPO_PRESET): `paper` = Qwen2.5-Math-1.5B on MATH on one GPU with vLLM rollouts;
 `cpu` = the same code with a tiny model, tiny batches and HF `generate`.
@@ -282,14 +283,14 @@ def grpo_step(
     }
 
 
-def evaluate_policy(generator, test: list[dict], cfg: Config) -> dict[str, float]:
-    """Answer every test problem once and grade the answers with the protected grader (not the
+def evaluate_policy(generator, val: list[dict], cfg: Config) -> dict[str, float]:
+    """Answer every validation problem once and grade the answers with the protected grader (not the
     editable training reward): for the log, and to choose the policy handed over."""
-    prompts = [R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in test]
+    prompts = [R1_ZERO_PROMPT.format(question=ex["problem"]) for ex in val]
     outputs = generator.generate(prompts, Sampling(1, cfg.eval_temperature, cfg.max_new_tokens))
-    correct = sum(is_correct(out, ex["answer"]) for out, ex in zip(outputs, test, strict=True))
+    correct = sum(is_correct(out, ex["answer"]) for out, ex in zip(outputs, val, strict=True))
     formatted = sum(extract_answer(out) is not None for out in outputs)
-    return {"accuracy": correct / len(test), "format_rate": formatted / len(test)}
+    return {"accuracy": correct / len(val), "format_rate": formatted / len(val)}
 
 
 @dataclass
@@ -308,11 +309,11 @@ class BestPolicy:
 
 
 def evaluate_and_keep(
-    policy: torch.nn.Module, generator, test: list[dict], cfg: Config, step: int, best: BestPolicy
+    policy: torch.nn.Module, generator, val: list[dict], cfg: Config, step: int, best: BestPolicy
 ) -> float:
     """One in-training evaluation, logged and offered to `best`; returns its seconds."""
     t0 = time.monotonic()
-    scores = evaluate_policy(generator, test, cfg)
+    scores = evaluate_policy(generator, val, cfg)
     best.offer(policy, step, scores["accuracy"])
     seconds = time.monotonic() - t0
     log(event="eval", step=step, **scores, seconds=round(seconds, 2))
@@ -339,7 +340,7 @@ def main() -> None:
     cfg = load_config(data_dir)
     random.seed(seed)
     torch.manual_seed(seed)
-    train, test = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "test.jsonl")
+    train, val = read_jsonl(data_dir / "train.jsonl"), read_jsonl(data_dir / "val.jsonl")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, policy, generator = load_models(cfg, seed, device)
@@ -356,7 +357,7 @@ def main() -> None:
     last_scheduled = (cfg.n_steps - 1) // cfg.eval_every * cfg.eval_every  # the last "before" evaluation
     for updates in range(cfg.n_steps):  # `updates` optimizer steps taken so far
         if before and updates % cfg.eval_every == 0:
-            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, updates, best), updates
+            eval_s, last_eval = evaluate_and_keep(policy, generator, val, cfg, updates, best), updates
             if updates >= last_scheduled:
                 break  # no evaluation would see more training
         # Stop while a step and an evaluation still fit: only an evaluated step can be handed over.
@@ -371,9 +372,9 @@ def main() -> None:
         completed, step_s = updates + 1, max(step_s, stats["seconds"])
         log(event="step", step=completed, **stats)
         if not before and completed % cfg.eval_every == 0:
-            eval_s, last_eval = evaluate_and_keep(policy, generator, test, cfg, completed, best), completed
+            eval_s, last_eval = evaluate_and_keep(policy, generator, val, cfg, completed, best), completed
     if last_eval != completed:  # the last step may be the best
-        evaluate_and_keep(policy, generator, test, cfg, completed, best)
+        evaluate_and_keep(policy, generator, val, cfg, completed, best)
     save_policy(policy, best, tokenizer, output_dir / "policy")
     log(event="policy_saved", step=best.step, eval_accuracy=best.accuracy)
     log(event="done", seconds=round(time.monotonic() - start_time, 2))

@@ -5,11 +5,14 @@ Real data (paper scale, needs network and the `datasets` package):
 writes `train.jsonl` (the 7,500 MATH training problems, answer = last \\boxed{} of the solution; the
 few solutions without one are kept with an empty answer, as the paper's data does)
 and `test.jsonl` (the 500 MATH-500 test problems), one JSON object per line:
-{"problem", "solution", "answer"}.
+{"problem", "solution", "answer"}; and `val.jsonl`, 500 training problems drawn with a fixed seed
+(still trained on) on which the training picks the policy it hands over, so that nothing in training
+needs the test set (the environment hides `test.jsonl` from training: `eval_only`).
 
 CPU preset (offline, about 15 s on one thread):
     HPCX_DATA_DIR=... python prepare_data.py --synthetic --tiny-model
-writes a small deterministic arithmetic data set in the same format and a tiny Qwen2 model with a
+writes a small deterministic arithmetic data set in the same format (train / val / test) and a
+tiny Qwen2 model with a
 byte-level tokenizer under `tiny_model/` (random init, then a few seconds of supervised steps that
 teach it the answer format), so the same training code runs without downloading anything.
 """
@@ -39,6 +42,10 @@ MATH_SUBJECTS = [
 ]
 MATH_TEST = "HuggingFaceH4/MATH-500"  # the 500-problem test subset used by the paper
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 256, 32
+# The checkpoint-selection split is as large as the test set (500 in the paper), so selecting on it is
+# as noisy as the paper's selection on the test set was.
+MATH_VAL, SYNTHETIC_VAL = 500, SYNTHETIC_TEST
+VAL_SEED = 0
 # Tags are ordinary (not special) tokens so decoding keeps them in the text the grader reads.
 TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 WARM_START_STEPS, WARM_START_BATCH = 300, 16
@@ -50,6 +57,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     tmp.replace(path)
+
+
+def validation_split(train: list[dict], size: int) -> list[dict]:
+    """`size` training problems drawn with a fixed seed, in the order drawn: the split on which the
+    training selects its checkpoint. They stay in train.jsonl, so the training data is unchanged."""
+    return random.Random(VAL_SEED).sample(train, size)
+
+
+def write_splits(out: Path, train: list[dict], test: list[dict], val_size: int) -> None:
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", validation_split(train, val_size))
+    write_jsonl(out / "test.jsonl", test)
 
 
 def math_rows(examples: Iterable[tuple[str, dict]]) -> list[dict]:
@@ -83,8 +102,7 @@ def prepare_math(out: Path) -> None:
     ]
     if (len(train), len(test)) != (7500, 500):
         raise SystemExit(f"expected 7500 train / 500 test problems, got {len(train)} / {len(test)}")
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "test.jsonl", test)
+    write_splits(out, train, test, MATH_VAL)
 
 
 def synthetic_problem(rng: random.Random) -> dict:
@@ -125,8 +143,7 @@ def _math_row(problem: str, reasoning: str, answer: str) -> dict:
 def prepare_synthetic(out: Path, seed: int = 0) -> None:
     rng = random.Random(seed)
     problems = [synthetic_problem(rng) for _ in range(SYNTHETIC_TRAIN + SYNTHETIC_TEST)]
-    write_jsonl(out / "train.jsonl", problems[:SYNTHETIC_TRAIN])
-    write_jsonl(out / "test.jsonl", problems[SYNTHETIC_TRAIN:])
+    write_splits(out, problems[:SYNTHETIC_TRAIN], problems[SYNTHETIC_TRAIN:], SYNTHETIC_VAL)
 
 
 def build_tiny_model(out: Path, train: list[dict], seed: int = 0) -> None:
