@@ -85,6 +85,19 @@ _ADDED_COLUMNS = [
 ]
 
 
+# one row per idea with its search trial (extra seeds aside), its result, usage and confirmation
+_OUTCOMES_SQL = """
+            SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
+                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
+                   c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
+                   c.runs_ok AS confirmed_ok, c.confirmed
+            FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
+                         LEFT JOIN results r ON r.trial_id = t.trial_id
+                         LEFT JOIN trial_usage u ON u.trial_id = t.trial_id
+                         LEFT JOIN confirmations c ON c.idea_id = i.idea_id
+"""
+
+
 class Ledger:
     """Access to one run's ledger. Single writer (the driver); readers on the driver's host may open
     it any time, readers elsewhere read its snapshot (``load``)."""
@@ -347,21 +360,16 @@ class Ledger:
     def outcomes(self, until_epoch: int | None = None) -> list[dict[str, Any]]:
         """One row per idea with its search trial's result (status, reward), for strategies and the
         end table; extra seeds (baseline repeats, confirmations) are read through ``extra_trials``."""
-        q = """
-            SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
-                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
-                   c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
-                   c.runs_ok AS confirmed_ok, c.confirmed
-            FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
-                         LEFT JOIN results r ON r.trial_id = t.trial_id
-                         LEFT JOIN trial_usage u ON u.trial_id = t.trial_id
-                         LEFT JOIN confirmations c ON c.idea_id = i.idea_id
-        """
+        q = _OUTCOMES_SQL
         params: tuple[Any, ...] = ()
         if until_epoch is not None:
             q += " WHERE i.epoch <= ?"
             params = (until_epoch,)
         return [dict(r) for r in self.db.execute(q + " ORDER BY i.epoch, i.slot", params)]
+
+    def outcomes_frame(self) -> pd.DataFrame:
+        """``outcomes()`` as a frame, whose columns exist even while the run has no idea yet."""
+        return pd.read_sql_query(_OUTCOMES_SQL + " ORDER BY i.epoch, i.slot", self.db)
 
     def extra_trials(self, purpose: str) -> list[dict[str, Any]]:
         """Trials of one purpose (baseline_repeat, confirm) with their seed and result, oldest first."""

@@ -59,7 +59,7 @@ def read_run(run_dir: Path) -> RunData:
         cfg = yaml.safe_load(ledger.get_meta("config") or "{}") or {}
         k = float(cfg.get("noise", {}).get("k", 2.0))
         recorded = float(cfg.get("env", {}).get("reward", {}).get("baseline", float("nan")))
-        ideas = pd.DataFrame(ledger.outcomes())
+        ideas = ledger.outcomes_frame()
         llm_calls = pd.read_sql_query("SELECT * FROM llm_calls", ledger.db)
         diffs = {
             r["idea_id"]: r["diff"] or "" for r in ledger.db.execute("SELECT idea_id, diff FROM patches")

@@ -266,24 +266,35 @@ class Search:
                     break
             else:  # the search is complete: its winners may be confirmed
                 self.confirm()
-        except KeyboardInterrupt:
-            self.interrupted()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                self.interrupted()
+            self._publish_snapshot(force=True)  # what a stopped or failed run recorded, for readers elsewhere
             raise
         finally:
             self.stop_servers()
-            self._publish_snapshot(force=True)
         self.finish()
 
     def finish(self) -> None:
-        """The end-of-run tables."""
+        """The end of a search (or of the confirm command): the snapshot with everything recorded,
+        which the report reads, the end-of-run tables and the report."""
+        self._publish_snapshot(force=True)
         self.progress.baseline_noise = self.baseline_noise()
         self.progress.final_table(self.ledger.outcomes(), self.run_dir)
         self.progress.gpu_table(gpu_hours.by_epoch(self.ledger), self.gpu_budget.describe(self.ledger))
         self.progress.usage_table(self.ledger.llm_usage(), self.meter)
-        if self.cfg.report.enabled:
-            self.progress.console.print(
-                f"report: {report.write(self.run_dir, similarity=self.cfg.report.similarity)}"
-            )
+        if not self.cfg.report.enabled:
+            return
+        try:
+            path = report.write(self.run_dir, similarity=self.cfg.report.similarity)
+        except (
+            Exception
+        ) as exc:  # the report only shows the ledger: a flaw in it must not fail a finished run
+            log.exception("the run report could not be written")
+            self.progress.note(f"the report could not be written ({type(exc).__name__}: {exc}); the ledger is "
+                               f"complete: try again with python -m hpc_executor.report {self.run_dir}")  # fmt: skip
+        else:
+            self.progress.console.print(f"report: {path}")
 
     def confirm(self) -> None:
         """Run the top ideas again on fresh seeds (confirm.top_k, confirm.seeds), as trials of the

@@ -38,7 +38,7 @@ def killed_at(window: str, args: tuple[str, ...], cwd: Path) -> None:
 def kill_then_resume(tmp_path: Path, window: str, *args: str) -> tuple[dict, Counter]:
     runs = tmp_path / "runs.log"
     args = ("+env=quick", "+model=offline", "strategy.epochs=1", "strategy.batch_size=2",
-            "+env.extra_env.QUICK_SLEEP_S=2", f"+env.extra_env.QUICK_RUN_LOG={runs}", *args)  # fmt: skip
+            "+env.extra_env.QUICK_SLEEP_S=2", f"+env.extra_env.QUICK_RUN_LOG={runs}", "sandbox=none", *args)  # the log: outside the workspace  # fmt: skip
     killed_at(window, args, tmp_path)
     frames = ledger_module.load(tmp_path / RUN)
     assert len(frames["results"]) < len(frames["ideas"]), "killed before the epoch's trials ended"
@@ -124,7 +124,8 @@ def test_the_driver_follows_the_job_that_claimed_the_trial(tmp_path: Path) -> No
     job's sbatch was still under way): the ledger names the loser; the claim names the job that runs."""
     runs = tmp_path / "runs.log"
     args = ("+env=quick", "+model=offline", "strategy.epochs=1", "strategy.batch_size=1", "run_baseline=false",
-            "+env.extra_env.QUICK_SLEEP_S=8", f"+env.extra_env.QUICK_RUN_LOG={runs}")  # fmt: skip
+            "+env.extra_env.QUICK_SLEEP_S=8", f"+env.extra_env.QUICK_RUN_LOG={runs}",
+            "sandbox=none")  # the log: outside the workspace  # fmt: skip
     killed_at("after_mark", args, tmp_path)
     db = sqlite3.connect(tmp_path / RUN / "ledger.sqlite")
     with db:

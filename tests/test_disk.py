@@ -62,7 +62,8 @@ def test_resuming_a_finished_run_on_a_read_only_disk_then_writable(small_disk: P
 def test_a_trial_whose_checkpoint_filled_the_disk_runs_again_once_there_is_space(small_disk: Path) -> None:
     runs = small_disk / "runs.log"
     args = (*ONE, "run_baseline=false", "+env.extra_env.QUICK_CHECKPOINT_MB=40",
-            f"+env.extra_env.QUICK_RUN_LOG={runs}", "scheduler.result_grace_s=1")  # fmt: skip
+            f"+env.extra_env.QUICK_RUN_LOG={runs}", "scheduler.result_grace_s=1",
+            "sandbox=none")  # the log: outside the workspace  # fmt: skip
     for _ in range(3):  # the driver too may find the disk full while the checkpoint fills it
         proc = run_search(*args, cwd=small_disk)
         if proc.returncode == 0:

@@ -50,7 +50,7 @@ def test_budget_gpu_hours_stops_new_trials_and_a_larger_budget_goes_on(tmp_path:
     # trials "hold one GPU" (the local scheduler runs them one at a time then) and take >= 1 s:
     # >= 0.00028 GPU-hours each, so a budget of 0.0004 is spent after the second trial
     args = ["+env=quick", "+model=offline", "env.resources.gpus=1", "+env.extra_env.QUICK_SLEEP_S=1",
-            f"+env.extra_env.QUICK_RUN_LOG={run_log}"]  # fmt: skip
+            f"+env.extra_env.QUICK_RUN_LOG={run_log}", "sandbox=none"]  # the log: outside the workspace  # fmt: skip
     first = run_search(*args, "budget_gpu_hours=0.0004", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     out = first.stdout + first.stderr
