@@ -53,16 +53,10 @@ class Progress:
         noise = self.baseline_noise
         caption = noise.describe() if noise else f"baseline reward {self.baseline:.4f}"
         table = Table(title=f"Best ideas of {_short(run_dir)}", caption=caption)
-        for col in (
-            "rank",
-            "reward",
-            "vs baseline",
-            "epoch",
-            "GPU-h",
-            "confirmed (fresh seeds)",
-            "idea",
-            "trial dir (patch.diff, train.log)",
-        ):
+        # the confirmation column only where a confirmation ran
+        confirmed = any(r.get("confirmed_runs") is not None for r in rows)
+        for col in ("rank", "reward", "vs baseline", "epoch", "GPU-h",
+                    *(["confirmed (fresh seeds)"] if confirmed else []), "idea", "trial dir (patch.diff, train.log)"):  # fmt: skip
             table.add_column(col, overflow="fold")
         for rank, r in enumerate(ok[:top], 1):
             where = _short(Path(r["trial_dir"])) if r["trial_dir"] else ""
@@ -73,7 +67,8 @@ class Progress:
                 else ""
             )
             table.add_row(str(rank), f"{r['reward']:.4f}", f"{delta:+.1f}%{within}", str(r["epoch"] + 1),
-                          f"{r.get('gpu_hours') or 0.0:.3f}", confirm.describe(r), r["title"], where)  # fmt: skip
+                          f"{r.get('gpu_hours') or 0.0:.3f}", *([confirm.describe(r)] if confirmed else []),
+                          r["title"], where)  # fmt: skip
         self.console.print(table)
         counts: dict[str, int] = {}
         for r in rows:
