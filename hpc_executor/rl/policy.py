@@ -63,3 +63,4 @@ class Policy(abc.ABC):
 
     def close(self) -> None:
         """Release what the backend holds (a served model, a client); a no-op by default."""
+        return None
