@@ -35,6 +35,18 @@ class TrainingExample:
 
 
 @dataclass(frozen=True)
+class TrainSettings:
+    """How a backend takes its optimiser step (strategy=rl's values)."""
+
+    loss: str = "grpo_clip"  # "grpo_clip" or "reinforce" (both importance-sampled over the recorded tokens)
+    learning_rate: float = 4e-5
+    clip_eps: float = 0.2  # GRPO-clip's ratio clip
+    kl_coef: float = 0.0  # a KL penalty towards the base model (0: none, as in the paper)
+    lora_rank: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PolicyVersion:
     """Policy weights after ``step`` optimiser steps (0: the base model, no adapter)."""
 
