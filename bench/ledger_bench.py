@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from hpc_executor.ledger import Ledger
+from hpc_executor.trial_dir import RESULT_FILE, write_atomic
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import RESULT_FILE, write_atomic
 
 
 def add_trials(ledger: Ledger, run_dir: Path, start: int, n: int, *, make_dirs: bool) -> list[Path]:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from hpc_executor.cli import CONF_DIR
 from hpc_executor.config import register_configs
 from hpc_executor.environment import Environment
 from hpc_executor.implementer import Implementer
 from hpc_executor.llm.base import LLMSpec
 from hpc_executor.llm.openai_provider import OpenAILLM
-from hpc_executor.search import CONF_DIR
 from hpc_executor.types import Idea
 
 FAKE = Path(__file__).resolve().parent.parent / "tests" / "fakes" / "llm_server.py"

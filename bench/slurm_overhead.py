@@ -33,11 +33,13 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import quick_env_config  # noqa: E402
 
+from hpc_executor.cli import CONF_DIR  # noqa: E402
 from hpc_executor.config import EnvConfig, register_configs  # noqa: E402
 from hpc_executor.ledger import Ledger  # noqa: E402
-from hpc_executor.search import CONF_DIR, Search  # noqa: E402
+from hpc_executor.search import Search  # noqa: E402
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TrialSpec  # noqa: E402
 from hpc_executor.types import Idea, Patch  # noqa: E402
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial  # noqa: E402
+from hpc_executor.worker import run_trial  # noqa: E402
 
 
 def through_hpc_executor(root: Path, n: int) -> tuple[float, list[float]]:

@@ -26,7 +26,9 @@ def outcomes(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     frames = []
     for run in paths:
         t = load(run)
-        calls = t["llm_calls"].assign(idea_id=t["llm_calls"].call_id.str.extract(r"^(e\d+-\d+)-s")[0])
+        calls = t["llm_calls"]
+        if "idea_id" not in calls:  # a snapshot published before calls named their idea
+            calls = calls.assign(idea_id=None)
         spend = calls.groupby("idea_id")[["input_tokens", "output_tokens", "cost_usd"]].sum()
         search_trials = t["trials"][t["trials"].purpose.isna()]  # extra seeds: see noise, confirm
         df = (

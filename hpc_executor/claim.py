@@ -16,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-CLAIM_FILE = "claim.json"
+from hpc_executor.trial_dir import CLAIM_FILE
 
 
 def current_job_id() -> str:

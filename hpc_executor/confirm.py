@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpc_executor.ids import confirm_trial_id
 from hpc_executor.noise import BaselineNoise
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def candidates(ledger: Ledger, top_k: int) -> list[dict[str, Any]]:
 def trials_for(idea_id: str, seed: int, seeds: int) -> list[tuple[str, int]]:
     """(trial id, seed) of an idea's confirmation runs: the same fresh seeds for every idea, so
     confirmed rewards compare pairwise."""
-    return [(f"{idea_id}-c{j}", seed + SEED_OFFSET + j) for j in range(seeds)]
+    return [(confirm_trial_id(idea_id, j), seed + SEED_OFFSET + j) for j in range(seeds)]
 
 
 def record(ledger: Ledger, noise: BaselineNoise) -> list[dict[str, Any]]:

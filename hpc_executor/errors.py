@@ -15,15 +15,19 @@ class PreflightError(HpcExecutorError):
     """Something the run needs is missing (an API key, the environment's data); nothing was started."""
 
 
-class PatchRejected(HpcExecutorError):
-    """A diff broke the workspace policy; it is recorded and never applied."""
+class DiffProblem(HpcExecutorError):
+    """An implementer's answer that cannot become a trial's patch (one of the three below)."""
 
 
-class NotADiff(PatchRejected):
+class NotADiff(DiffProblem):
     """The answer holds no diff at all (prose, an empty answer): the implementer failed, no policy was broken."""
 
 
-class PatchFailed(HpcExecutorError):
+class PatchRejected(DiffProblem):
+    """A diff broke the workspace policy; it is recorded and never applied."""
+
+
+class PatchFailed(DiffProblem):
     """A diff is well-formed and allowed but does not apply to the baseline."""
 
 

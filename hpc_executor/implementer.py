@@ -25,11 +25,12 @@ from hpc_executor import prompts
 from hpc_executor.budget import CostMeter
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
+from hpc_executor.ids import implementer_call_id
 from hpc_executor.llm import LLM, LLMRequest, LLMResponse
 from hpc_executor.patching import check_answer_size
 from hpc_executor.timed_apply import apply_diff_in_time
+from hpc_executor.trial_dir import copy_baseline
 from hpc_executor.types import Idea, Patch
-from hpc_executor.worker import copy_baseline
 
 log = logging.getLogger("hpc_executor.implementer")
 
@@ -187,7 +188,7 @@ class Implementer:
             )
             response = self.llm.complete(request)
             self.meter.add(response.cost_usd)
-            call = Call(f"{idea.idea_id}-s{sample}-r{revision}", request, response)
+            call = Call(implementer_call_id(idea.idea_id, sample, revision), request, response)
             attempt.calls.append(call)
             if response.error:  # the provider failed after its retries: no point revising
                 attempt.error, call.outcome = f"LLM call failed: {response.error}", "error"

@@ -30,6 +30,7 @@ import pandas as pd
 
 from hpc_executor import confirm, diversity, gpu_hours
 from hpc_executor.errors import LedgerError
+from hpc_executor.trial_dir import RESULT_FILE
 from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
 LEDGER_FILE = "ledger.sqlite"
@@ -82,6 +83,7 @@ _ADDED_COLUMNS = [
     ("llm_calls", "cache_saved_usd", "REAL"),
     ("trials", "purpose", "TEXT"),  # NULL: the idea's search trial; baseline_repeat, confirm: extra seeds
     ("trials", "seed", "INTEGER"),  # the seed of an extra trial (search trials run the run's seed)
+    ("llm_calls", "idea_id", "TEXT"),  # the idea an implementer call was for (NULL for ideator calls)
 ]
 
 
@@ -125,6 +127,16 @@ class Ledger:
             have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                if (table, column) == ("llm_calls", "idea_id"):
+                    self._fill_call_ideas()
+
+    def _fill_call_ideas(self) -> None:
+        """An older ledger's implementer calls get their idea from the patch that lists them."""
+        rows = self.db.execute("SELECT idea_id, llm_call_ids FROM patches").fetchall()
+        self.db.executemany(
+            "UPDATE llm_calls SET idea_id = ? WHERE call_id = ?",
+            [(r["idea_id"], call_id) for r in rows for call_id in json.loads(r["llm_call_ids"] or "[]")],
+        )
 
     def _add_missing_usage(self) -> None:
         """Results recorded before trial_usage existed get their row, from their provenance."""
@@ -320,7 +332,7 @@ class Ledger:
                 raise LedgerError(f"result file {path} is corrupt ({exc}); move it away and re-run") from exc
         return self.record_results(results)
 
-    def poll(self, result_name: str = "result.json") -> int:
+    def poll(self, result_name: str = RESULT_FILE) -> int:
         """Ingest the results of open trials that have appeared since the last poll."""
         found = [p for trial in self.open_trials() if (p := Path(trial.trial_dir) / result_name).exists()]
         return self.ingest(found)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from hpc_executor.errors import ConfigError
+from hpc_executor.ids import BASELINE_IDEA, baseline_repeat_id
 
 if TYPE_CHECKING:
     from hpc_executor.ledger import Ledger
 
 REPEAT = "baseline_repeat"  # trials.purpose of a baseline repeat
-BASELINE_ID = "baseline"
 
 
 def check(cfg: DictConfig) -> None:
@@ -38,9 +38,9 @@ def repeats_for(cfg: DictConfig, seed: int, epoch: int) -> list[tuple[str, int]]
     """(trial id, seed) of the baseline repeats that ``epoch`` runs."""
     n = int(cfg.baseline_repeats)
     if epoch == 0:
-        return [(f"baseline-r{i}", seed + i) for i in range(1, n)]
+        return [(baseline_repeat_id(0, i), seed + i) for i in range(1, n)]
     if cfg.repeat_every and epoch % cfg.repeat_every == 0:
-        return [(f"baseline-e{epoch}-r{i}", seed + epoch * n + i) for i in range(n)]
+        return [(baseline_repeat_id(epoch, i), seed + epoch * n + i) for i in range(n)]
     return []
 
 
@@ -73,7 +73,7 @@ def baseline_rewards(ledger: Ledger) -> list[float]:
     rows = ledger.db.execute(
         "SELECT r.reward FROM trials t JOIN results r USING (trial_id)"
         " WHERE t.idea_id = ? AND r.status = 'ok' ORDER BY t.created_at, t.trial_id",
-        (BASELINE_ID,),
+        (BASELINE_IDEA,),
     )
     return [float(reward) for (reward,) in rows]
 

@@ -40,8 +40,8 @@ timestamps are split with ``str`` methods; globs are matched per path component,
 regular expression over the whole path. And the implementer's answers are capped at
 ``MAX_ANSWER_CHARS`` (``check_answer_size``): a longer answer is rejected with a reason, unparsed.
 
-Errors: ``PatchRejected`` for output that is not a diff or breaks the policy (recorded, never
-applied); ``PatchFailed`` for an allowed diff that is malformed or does not apply (its message is
+Errors: ``NotADiff`` for output that holds no diff; ``PatchRejected`` for a diff that breaks the
+policy (recorded, never applied); ``PatchFailed`` for an allowed diff that is malformed or does not apply (its message is
 fed back to the implementer). Nothing is written to the workspace in either case.
 """
 
@@ -564,7 +564,7 @@ def extract_diff(text: str) -> str:
 
     Takes the markdown code blocks that look like diffs (whatever their language tag; several
     are joined in order), or, with no such block, the text from its first diff line on.
-    CRLF line ends become LF. Raises ``PatchRejected`` when the answer holds no diff at all.
+    CRLF line ends become LF. Raises ``NotADiff`` when the answer holds no diff at all.
     """
     lines, _ = _split_lines(_normalise_newlines(text))
     blocks = [block for block in _fenced_blocks(lines) if _looks_like_diff(block)]
@@ -648,7 +648,7 @@ def _with_spaces(body: list[str]) -> tuple[str, ...]:
 def parse_diff(diff: str) -> list[FileChange]:
     """Parse a unified diff (git's format or plain ``---``/``+++``) into one change per file.
 
-    Hunk counts are recomputed from the bodies. Raises ``PatchRejected`` when the text holds no
+    Hunk counts are recomputed from the bodies. Raises ``NotADiff`` when the text holds no
     file header at all, ``PatchFailed`` when it is a diff but malformed.
     """
     scanner = _Scanner(diff)
@@ -815,7 +815,7 @@ def apply_diff(text: str, workspace: Path, policy: WorkspacePolicy) -> str:
 
     Runs extract -> repair -> parse -> policy -> ``git apply --check`` -> ``git apply`` and
     returns the canonical diff that was applied (``apply_diff`` of it gives it back unchanged).
-    Raises ``PatchRejected`` (not a diff, or against the policy) or ``PatchFailed`` (malformed,
+    Raises ``NotADiff``, ``PatchRejected`` (against the policy) or ``PatchFailed`` (malformed,
     or git cannot apply it; the message carries git's error); the workspace is then untouched.
     """
     workspace = Path(workspace)

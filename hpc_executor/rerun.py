@@ -15,15 +15,16 @@ from pathlib import Path
 
 from hpc_executor.errors import LedgerError
 from hpc_executor.ledger import Ledger
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, SPEC_FILE, TrialSpec
 from hpc_executor.types import Result
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 
 def rerun(run_dir: Path, trial_id: str, seed: int | None = None) -> Result:
     ledger = Ledger(run_dir)
     row = ledger.db.execute("SELECT trial_dir FROM trials WHERE trial_id = ?", (trial_id,)).fetchone()
     ledger.close()
-    if row is None or not (Path(row["trial_dir"]) / "spec.json").exists():
+    if row is None or not (Path(row["trial_dir"]) / SPEC_FILE).exists():
         raise LedgerError(
             f"{trial_id} is not a trial of {run_dir} that ran (see the trials table for its ids)"
         )

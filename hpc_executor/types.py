@@ -29,6 +29,61 @@ class Status(str, enum.Enum):
         return self.value
 
 
+class TrialState(str, enum.Enum):
+    """Where a trial is, from creation to its result."""
+
+    PENDING = "pending"  # created, not submitted
+    QUEUED = "queued"  # submitted, its job has not started it (yet, or again after a requeue)
+    RUNNING = "running"  # its job started it
+    DONE = "done"  # its result is in the ledger
+
+    def __str__(self) -> str:
+        return self.value
+
+
+OPEN_STATES = (TrialState.PENDING, TrialState.QUEUED, TrialState.RUNNING)
+
+
+class PatchStatus(str, enum.Enum):
+    """What the implementer made of an idea (the last two are also the trial's Status)."""
+
+    APPLIED = "applied"
+    IMPLEMENT_FAILED = "implement_failed"
+    PATCH_REJECTED = "patch_rejected"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CallPurpose(str, enum.Enum):
+    """What an LLM call was asked for."""
+
+    IDEATE = "ideate"  # sample ideas, shown the ideas so far (epoch 0, best-of-N)
+    EXPLOIT = "exploit"  # refine ideas that beat the baseline
+    EXPLORE = "explore"  # new directions, shown a random sample of earlier ideas
+    IMPLEMENT = "implement"
+    REVISE = "revise"  # implement again, told why the last diff failed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CallOutcome(str, enum.Enum):
+    """What came of an LLM call's answer."""
+
+    OK = "ok"  # an ideator call that gave ideas
+    NO_IDEAS = "no_ideas"
+    ERROR = "error"  # the provider failed after its retries
+    APPLIED = "applied"
+    REJECTED = "rejected"  # the diff broke the workspace policy
+    FAILED_TO_APPLY = "failed_to_apply"
+    NOT_A_DIFF = "not_a_diff"
+    TRUNCATED = "truncated"  # cut off at max_tokens
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Idea:
     """A research idea in plain language, as the ideator wrote it."""
@@ -48,7 +103,7 @@ class Patch:
 
     idea_id: str
     diff: str | None  # None when no sample applied
-    status: str  # "applied", "implement_failed" or "patch_rejected"
+    status: str  # a PatchStatus
     reason: str = ""  # the last error, fed back to revisions and shown to the user
     attempts: int = 0  # samples x revisions tried
     llm_call_ids: list[str] = field(default_factory=list)
@@ -62,7 +117,7 @@ class Trial:
     idea_id: str
     epoch: int
     trial_dir: str
-    state: str = "pending"  # pending (not submitted), queued, running, done
+    state: str = TrialState.PENDING  # a TrialState
     job_id: str | None = None  # scheduler job id, "<array job>_<index>" on Slurm
     array_index: int | None = None
     job_state: str | None = None  # last JobState seen while the trial was open (pending, running, ...)

@@ -20,14 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from hpc_executor.claim import claim_trial, current_job_id
 from hpc_executor.environment import Environment
-from hpc_executor.errors import PatchFailed, PatchRejected
+from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.sandbox import (
     Limits,
     Sandbox,
@@ -40,43 +39,20 @@ from hpc_executor.sandbox import (
 )
 from hpc_executor.storage import ran_out_of_space
 from hpc_executor.timed_apply import apply_diff_in_time
+from hpc_executor.trial_dir import (
+    EVAL_LOG,
+    EVALUATOR_DIR,
+    OUTPUT_DIR,
+    RESULT_FILE,
+    TRAIN_LOG,
+    WORKSPACE_DIR,
+    TrialSpec,
+    copy_baseline,
+    read_diff,
+    write_atomic,
+    write_started,
+)
 from hpc_executor.types import Result, Status
-
-SPEC_FILE = "spec.json"
-RESULT_FILE = "result.json"
-STARTED_FILE = "started.json"
-DIFF_FILE = "patch.diff"
-TRAIN_LOG = "train.log"
-EVAL_LOG = "eval.log"
-
-
-@dataclass
-class TrialSpec:
-    trial_id: str
-    trial_dir: str
-    env: dict[str, Any]  # the resolved env config
-    seed: int = 0
-    keep_workspace: bool = False
-    isolate_pids: str = "auto"  # run training in its own PID namespace: auto | on | off
-    sandbox: str = "auto"  # auto | bwrap | none, resolved on the node that runs the trial
-    provenance: dict[str, Any] = field(default_factory=dict)  # idea, models, config hash ...
-
-    def write(self) -> None:
-        write_atomic(Path(self.trial_dir) / SPEC_FILE, json.dumps(asdict(self), indent=2, sort_keys=True))
-
-    @classmethod
-    def read(cls, trial_dir: Path) -> TrialSpec:
-        return cls(**json.loads((trial_dir / SPEC_FILE).read_text()))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: readers see all or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def file_digest(path: Path) -> str | None:
@@ -118,16 +94,16 @@ class TrialRunner:
         self.spec = spec
         self.dir = Path(spec.trial_dir)
         self.env = Environment(spec.env)
-        self.workspace = self.dir / "workspace"
-        self.evaluator = self.dir / "evaluator"
-        self.output = self.dir / "output"
+        self.workspace = self.dir / WORKSPACE_DIR
+        self.evaluator = self.dir / EVALUATOR_DIR
+        self.output = self.dir / OUTPUT_DIR
         self.started = time.monotonic()
         self.where = where_am_i()  # once: it asks nvidia-smi
         self.sandbox = Sandbox(spec.sandbox, "none", "not started")
         self.limits = Limits.from_config(self.env.cfg.limits)
 
     def run(self) -> Result:
-        write_atomic(self.dir / STARTED_FILE, json.dumps(self.where, sort_keys=True))
+        write_started(self.dir, self.where)
         for d in (self.workspace, self.evaluator, self.output):
             shutil.rmtree(d, ignore_errors=True)  # leftovers of an attempt that was interrupted
         self.output.mkdir(parents=True)
@@ -150,11 +126,14 @@ class TrialRunner:
             return self._result(Status.CRASHED, reason=f"{changed} since the run started; restore it, or start a "
                                 "new run (run_name=...) on the new baseline")  # fmt: skip
         copy_baseline(self.env.baseline_dir, self.workspace)
-        diff = (self.dir / DIFF_FILE).read_text() if (self.dir / DIFF_FILE).exists() else ""
+        diff = read_diff(self.dir)
         if diff.strip():
             try:
                 apply_diff_in_time(diff, self.workspace, self.env.policy)
-            except PatchRejected as exc:
+            except (
+                PatchRejected,
+                NotADiff,
+            ) as exc:  # a stored diff that is no diff (edited by hand) is rejected too
                 return self._result(Status.PATCH_REJECTED, reason=str(exc))
             except PatchFailed as exc:
                 return self._result(Status.CRASHED, reason=f"the diff no longer applies: {exc}")
@@ -314,10 +293,6 @@ def where_am_i() -> dict[str, Any]:
         "gpu_type": gpu_type(),
         "started_at": time.time(),
     }
-
-
-def copy_baseline(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def _json_safe(value: Any) -> Any:

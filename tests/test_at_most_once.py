@@ -18,9 +18,10 @@ from conftest import run_search, search_cmd
 from test_slurm import FAST, slurm
 
 from hpc_executor import ledger as ledger_module
-from hpc_executor.claim import CLAIM_FILE, claim_holder, claim_trial
+from hpc_executor.claim import claim_holder, claim_trial
 from hpc_executor.crashpoints import CRASH_ENV
-from hpc_executor.worker import RESULT_FILE, run_trial
+from hpc_executor.trial_dir import CLAIM_FILE, RESULT_FILE
+from hpc_executor.worker import run_trial
 
 RUN = "outputs/quick-offline-evolution-seed0"
 WINDOWS = ["before_submit", "after_submit", "after_mark"]
@@ -73,7 +74,7 @@ def test_a_driver_killed_in_any_window_of_a_slurm_submission(tmp_path: Path, win
 
 
 def test_a_second_launch_of_a_claimed_trial_leaves_it_alone(tmp_path: Path, quick_env: dict) -> None:
-    from hpc_executor.worker import TrialSpec
+    from hpc_executor.trial_dir import TrialSpec
 
     trial = tmp_path / "t0"
     trial.mkdir()
@@ -88,7 +89,7 @@ def test_a_second_launch_of_a_claimed_trial_leaves_it_alone(tmp_path: Path, quic
 
 
 def test_a_requeued_job_holds_its_claim_and_runs(tmp_path: Path, quick_env: dict, monkeypatch) -> None:
-    from hpc_executor.worker import TrialSpec
+    from hpc_executor.trial_dir import TrialSpec
 
     trial = tmp_path / "t0"
     trial.mkdir()

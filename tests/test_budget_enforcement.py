@@ -14,8 +14,9 @@ from conftest import quick_env_config
 
 from hpc_executor.environment import Environment
 from hpc_executor.errors import ConfigError
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_env_nanogpt import BASELINE as NANOGPT_BASELINE

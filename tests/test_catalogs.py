@@ -13,12 +13,12 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from hpc_executor.cli import CONF_DIR, choices
 from hpc_executor.config import register_configs
 from hpc_executor.environment import Environment
 from hpc_executor.errors import NotADiff, PatchFailed, PatchRejected
 from hpc_executor.patching import apply_diff
-from hpc_executor.search import CONF_DIR, choices
-from hpc_executor.worker import copy_baseline
+from hpc_executor.trial_dir import copy_baseline
 
 EXPECTS = {"improves", "neutral", "worse", "crash", "timeout", "invalid", "tamper", "rejected", "apply_fail"}
 CATEGORIES = {"architecture", "optimizer", "schedule", "regularization", "data", "other"}

@@ -11,10 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from hpc_executor.cli import CONF_DIR, choices, missing_groups, role_shorthand
 from hpc_executor.config import register_configs
 from hpc_executor.environment import Environment
 from hpc_executor.llm import PROVIDERS
-from hpc_executor.search import CONF_DIR, choices, missing_groups, role_shorthand
 
 register_configs()
 ENVS, MODELS = choices("env"), choices("model")

@@ -19,8 +19,9 @@ import pytest
 import torch
 import yaml
 
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / "environments" / "grpo"

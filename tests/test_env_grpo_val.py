@@ -27,8 +27,9 @@ from test_env_grpo import (  # noqa: F401
 
 from hpc_executor.environment import Environment
 from hpc_executor.sandbox import resolve_sandbox
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -20,10 +20,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from hpc_executor.cli import CONF_DIR
 from hpc_executor.config import register_configs
-from hpc_executor.search import CONF_DIR
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TRAIN_LOG, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_DIR = REPO / "environments" / "nanogpt"

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from hpc_executor.claim import CLAIM_FILE
 from hpc_executor.sandbox import resolve_sandbox
+from hpc_executor.trial_dir import CLAIM_FILE, DIFF_FILE, RESULT_FILE, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 HOSTILE_DIR = REPO / "tests" / "envs" / "hostile"
 ATTEMPTS = {"read_home_key", "read_ledger", "write_ledger", "read_spec", "write_spec", "write_sibling_result",

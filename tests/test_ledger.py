@@ -10,8 +10,8 @@ import pytest
 from hpc_executor import ledger as ledger_module
 from hpc_executor.errors import LedgerError
 from hpc_executor.ledger import Ledger
+from hpc_executor.trial_dir import RESULT_FILE, write_atomic
 from hpc_executor.types import Idea, Patch, Result, Status
-from hpc_executor.worker import RESULT_FILE, write_atomic
 
 
 def fill(ledger: Ledger, run_dir: Path, n: int, epoch: int = 0) -> list[Path]:

@@ -22,7 +22,7 @@ from hpc_executor import ledger as ledger_module
 from hpc_executor.config import SchedulerConfig
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape
 from hpc_executor.slurm import SlurmScheduler, parse_sacct, sbatch_script
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, STARTED_FILE, TrialSpec
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, STARTED_FILE, TrialSpec
 
 DATA = Path(__file__).parent / "data" / "slurm"
 

@@ -18,8 +18,9 @@ from conftest import quick_env_config
 from omegaconf import OmegaConf
 
 from hpc_executor.sandbox import pid_namespace_prefix, run_in_group, scrubbed_environ
+from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, TrialSpec
 from hpc_executor.types import Result, Status
-from hpc_executor.worker import DIFF_FILE, RESULT_FILE, TrialSpec, run_trial
+from hpc_executor.worker import run_trial
 
 SECRETS = {
     "ANTHROPIC_API_KEY": "sk-ant-test-123",

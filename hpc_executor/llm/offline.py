@@ -27,7 +27,7 @@ import yaml
 from hpc_executor.errors import ConfigError, HpcExecutorError
 from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
 from hpc_executor.patching import WorkspacePolicy, apply_diff
-from hpc_executor.worker import copy_baseline
+from hpc_executor.trial_dir import copy_baseline
 
 _RECIPE = re.compile(r"\(recipe: ([^)]*)\)")
 LABEL = "offline scripted stand-in (not an LLM)"

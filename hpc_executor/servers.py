@@ -1,0 +1,71 @@
+"""The served models of a run: one model-server job per distinct model and serve config, started
+when a role needs it, adopted by a later driver from the job id the ledger keeps, stopped when
+nothing is left to ask."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from hpc_executor.ledger import Ledger
+from hpc_executor.llm import LLM
+from hpc_executor.llm.retry import RetryingLLM
+from hpc_executor.model_server import ModelServer
+from hpc_executor.scheduler import Scheduler
+
+ROLES = ("ideator", "implementer")
+
+
+def server_meta(key: str) -> str:
+    """The ledger's meta key that holds a server's job id while it is (meant to be) up."""
+    return f"model_server_job:{key}"
+
+
+class Servers:
+    def __init__(
+        self, models: DictConfig, scheduler: Scheduler, run_dir: Path, llm_of: Callable[[str], LLM]
+    ) -> None:
+        self.models = models  # cfg.model: a role's ``serve`` section says whether to serve it
+        self.scheduler = scheduler
+        self.folder = run_dir / "model_servers"
+        self.llm_of = llm_of
+        self._by_key: dict[str, ModelServer] = {}  # by a hash of model and serve config
+
+    def roles_served(self) -> list[str]:
+        return [role for role in ROLES if self.models[role].serve.enabled]
+
+    def start(self, ledger: Ledger) -> None:
+        """Serve the open models that roles asked to have served, or adopt the ones an earlier driver
+        of this run left running; servers that are up already stay as they are. The job id is in the
+        ledger before the client is pointed at the server, so a killed driver's server is found."""
+        for role in self.roles_served():
+            cfg = self.models[role]
+            key = hashlib.sha256(f"{cfg.model}|{OmegaConf.to_yaml(cfg.serve)}".encode()).hexdigest()[:12]
+            server = self._by_key.get(key)
+            if server is None:
+                server = ModelServer(cfg.model, cfg.serve, self.scheduler, self.folder / key)
+                job_id = ledger.get_meta(server_meta(key))
+                if not (job_id and server.adopt(job_id)):
+                    server.start()
+                ledger.set_meta(server_meta(key), server.job_id)
+                self._by_key[key] = server
+            llm = self.llm_of(role)
+            assert isinstance(llm, RetryingLLM) and server.url  # serve.enabled is for openai_compatible
+            llm.point_at(server.url)
+            llm.check_model()
+
+    def stop(self, ledger: Ledger, *, keep_alive: bool = False) -> None:
+        """Cancel the run's model servers (a no-op when there are none, or they are stopped already);
+        with ``keep_alive`` (between epochs), those with ``serve.keep_alive`` stay up."""
+        for key, server in list(self._by_key.items()):
+            if keep_alive and server.cfg.keep_alive:
+                continue
+            server.stop()
+            ledger.set_meta(server_meta(key), None)
+            del self._by_key[key]
+
+    def running(self) -> bool:
+        return bool(self._by_key)
