@@ -101,7 +101,12 @@ def plan(search: Search) -> str:
         f"implementer    {search.implementer_llm.label}, {search.cfg.model.samples} samples x "
         f"{search.cfg.model.revisions} revisions",
         f"strategy       {s.name}: {s.epochs} epochs x {s.batch_size} ideas, calls of {s.call_size}; "
-        f"exploit slots per epoch {[search.strategy.exploit_count(e) for e in range(s.epochs)]}",
+        f"exploit slots per epoch {[search.strategy.exploit_count(e) for e in range(s.epochs)]}; "
+        + (
+            f"schedule steady (no epoch barrier, {s.ready_buffer} patches kept ready beyond the free slots)"
+            if s.schedule == "steady"
+            else "schedule barrier (each epoch waits for its last trial)"
+        ),
         f"trials         {shape.gpus} GPUs, {shape.cpus} CPUs, {shape.mem_gb} GB each; budget "
         f"{search.cfg.env.budget_s}s, hard limit {search.cfg.env.hard_limit_s}s; scheduler {search.cfg.scheduler.name}",
         f"sandbox        {search.sandbox.describe()}",

@@ -123,6 +123,10 @@ class StrategyConfig:
     exploit_start: float = 0.5  # exploit share at epoch 1; +exploit_step every 2 epochs
     exploit_step: float = 0.1
     exploit_max: float = 0.8
+    # barrier: epoch by epoch, each waiting for its last trial (the paper's loop); steady: no barrier,
+    # every trial slot stays busy while ideation and implementation run ahead (see README)
+    schedule: str = "barrier"
+    ready_buffer: int = 2  # steady: patches kept ready beyond the free slots
 
 
 @dataclass

@@ -31,6 +31,7 @@ LOWER_BOUNDS: dict[str, int] = {
     "strategy.batch_size": 1,
     "strategy.call_size": 1,
     "strategy.max_shown": 0,
+    "strategy.ready_buffer": 0,
     "env.budget_s": 1,
     "env.hard_limit_s": 1,
     "env.eval_limit_s": 1,
@@ -38,13 +39,20 @@ LOWER_BOUNDS: dict[str, int] = {
 }
 
 
+SCHEDULES = ("barrier", "steady")  # strategy.schedule
+
+
 def bound_problems(cfg: DictConfig) -> list[str]:
-    """One line per value below its bound (``LOWER_BOUNDS``), and a ``budget_usd`` that is not positive."""
+    """One line per value below its bound (``LOWER_BOUNDS``), an unknown ``strategy.schedule``, and a
+    ``budget_usd`` that is not positive."""
     problems = []
     for key, lowest in LOWER_BOUNDS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (int, float)) and value < lowest:
             problems.append(f"{key}={value} is below its lowest sensible value {lowest}; set {key}>={lowest}")
+    schedule = OmegaConf.select(cfg, "strategy.schedule", default="barrier")
+    if schedule not in SCHEDULES:
+        problems.append(f"strategy.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     budget = OmegaConf.select(cfg, "budget_usd", default=None)
     if budget is not None and budget <= 0:
         problems.append(

@@ -391,16 +391,22 @@ class Ledger:
         """
         return [dict(r) for r in self.db.execute(q, (purpose,))]
 
-    def epoch_progress(self, epoch: int) -> dict[str, Any]:
-        """The counts of the progress line: this epoch's ideas (the baseline aside), how many have a
-        patch, its trials by state, and the best reward of any idea so far."""
+    def epoch_progress(self, epoch: int | None) -> dict[str, Any]:
+        """The counts of the progress line: this epoch's ideas (the whole run's for None; the baseline
+        aside), how many have a patch, its trials by state, and the best reward of any idea so far."""
+        where, params = ("", ()) if epoch is None else (" AND i.epoch = ?", (epoch,))
         ideas, implemented = self.db.execute(
             "SELECT count(*), count(p.idea_id) FROM ideas i LEFT JOIN patches p USING (idea_id)"
-            " WHERE i.epoch = ? AND i.kind != 'baseline'",
-            (epoch,),
+            " WHERE i.kind != 'baseline'" + where,
+            params,
         ).fetchone()
         trials = dict(
-            self.db.execute("SELECT state, count(*) FROM trials WHERE epoch = ? GROUP BY state", (epoch,))
+            self.db.execute(
+                "SELECT state, count(*) FROM trials"
+                + (" WHERE epoch = ?" if where else "")
+                + " GROUP BY state",
+                params,
+            )
         )
         (best,) = self.db.execute(
             "SELECT max(r.reward) FROM results r JOIN trials t USING (trial_id)"

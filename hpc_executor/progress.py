@@ -40,6 +40,21 @@ class Progress:
             f"queued {queued} running {trials.get('running', 0)} done {trials.get('done', 0)} | "
             f"best reward {best_text} (baseline {self.baseline:.4f})"
         )
+        self._log_changed(line)
+
+    def steady_line(self, ideas: int, total: int, in_flight: int, ready: int, trials: dict[str, int],
+                    best: float | None) -> None:  # fmt: skip
+        """The progress of a steady run: ideas recorded of all, ideas still being asked for or
+        implemented, patches waiting for a slot, and the trials."""
+        queued = trials.get("pending", 0) + trials.get("queued", 0)
+        best_text = f"{best:.4f}" if best is not None else "-"
+        self._log_changed(
+            f"steady | ideas {ideas}/{total} | ideas in flight {in_flight} | ready patches {ready} | trials "
+            f"running {trials.get('running', 0)} queued {queued} done {trials.get('done', 0)} | "
+            f"best reward {best_text} (baseline {self.baseline:.4f})"
+        )
+
+    def _log_changed(self, line: str) -> None:
         if line != self._last:
             self._last = line
             log.info(line)

@@ -34,6 +34,7 @@ from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, resolve_sandbox
 from hpc_executor.scheduler import make_scheduler
 from hpc_executor.servers import ROLES, Servers
+from hpc_executor.steady import SteadyLoop
 from hpc_executor.strategies import make_strategy
 from hpc_executor.trial_dir import TrialSpec
 from hpc_executor.types import CallPurpose, Idea, Patch, PatchStatus
@@ -159,7 +160,8 @@ class Search:
                                       kind="baseline"), slot=-1)  # fmt: skip
             self.ledger.add_patch(Patch(ids.BASELINE_IDEA, "", PatchStatus.APPLIED))
         try:
-            if self._barrier_loop():  # the search is complete: its winners may be confirmed
+            steady = self.cfg.strategy.schedule == "steady"
+            if SteadyLoop(self).run() if steady else self._barrier_loop():  # complete: confirm its winners
                 self.confirm()
         except BaseException:
             self._publish_snapshot(force=True)  # what a stopped or failed run recorded, for readers elsewhere
