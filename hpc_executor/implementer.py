@@ -30,7 +30,7 @@ from hpc_executor.llm import LLM, LLMRequest, LLMResponse
 from hpc_executor.patching import check_answer_size
 from hpc_executor.timed_apply import apply_diff_in_time
 from hpc_executor.trial_dir import copy_baseline
-from hpc_executor.types import Idea, Patch
+from hpc_executor.types import CallOutcome, CallPurpose, Idea, Patch, PatchStatus
 
 log = logging.getLogger("hpc_executor.implementer")
 
@@ -52,8 +52,7 @@ class Call:
     call_id: str
     request: LLMRequest
     response: LLMResponse
-    # what came of the answer: ok (ideator) | applied | rejected | failed_to_apply | not_a_diff | truncated | error
-    outcome: str = ""
+    outcome: str = ""  # a CallOutcome: what came of the answer
 
 
 @dataclass
@@ -143,11 +142,13 @@ class Implementer:
         call_ids = [c.call_id for c in calls]
         for attempt in attempts:
             if attempt.diff is not None:
-                return Patch(idea_id, attempt.diff, "applied", "", len(calls), call_ids), calls
+                return Patch(idea_id, attempt.diff, PatchStatus.APPLIED, "", len(calls), call_ids), calls
         failed = [a for a in attempts if a.error]
         if not failed:  # the budget ran out before any call: left for a resumed run to implement
             return None, []
-        status = "patch_rejected" if any(a.rejected for a in failed) else "implement_failed"
+        status = (
+            PatchStatus.PATCH_REJECTED if any(a.rejected for a in failed) else PatchStatus.IMPLEMENT_FAILED
+        )
         reason = next((a.error for a in failed if a.rejected), failed[0].error)
         if any(a.budget_stopped for a in attempts):
             reason += f" ({BUDGET_REACHED}: further samples and revisions were not asked for)"
@@ -163,7 +164,7 @@ class Implementer:
     def _revise_until_applied(self, state: _IdeaState, sample: int) -> Attempt:
         idea, attempt = state.idea, Attempt()
         base_prompt = prompts.render("implement", idea_title=idea.title, idea_description=idea.description)
-        prompt, purpose = base_prompt, "implement"
+        prompt, purpose = base_prompt, CallPurpose.IMPLEMENT
         for revision in range(self.revisions + 1):
             if not state.can_win(sample):
                 break
@@ -191,22 +192,22 @@ class Implementer:
             call = Call(implementer_call_id(idea.idea_id, sample, revision), request, response)
             attempt.calls.append(call)
             if response.error:  # the provider failed after its retries: no point revising
-                attempt.error, call.outcome = f"LLM call failed: {response.error}", "error"
+                attempt.error, call.outcome = f"LLM call failed: {response.error}", CallOutcome.ERROR
                 return attempt
             try:
                 if response.truncated:  # a cut-off diff may still apply, minus what it did not reach
                     raise NotADiff(TRUNCATED_NOTE)
                 attempt.diff = self.check(response.text)
-                call.outcome = "applied"
+                call.outcome = CallOutcome.APPLIED
                 state.applied(sample)
                 return attempt
             except NotADiff as exc:  # no policy breach: revise, but do not count it as one
-                outcome = "truncated" if response.truncated else "not_a_diff"
+                outcome = CallOutcome.TRUNCATED if response.truncated else CallOutcome.NOT_A_DIFF
                 attempt.error, attempt.rejected, call.outcome = str(exc), False, outcome
             except PatchRejected as exc:
-                attempt.error, attempt.rejected, call.outcome = str(exc), True, "rejected"
+                attempt.error, attempt.rejected, call.outcome = str(exc), True, CallOutcome.REJECTED
             except PatchFailed as exc:
-                attempt.error, attempt.rejected, call.outcome = str(exc), False, "failed_to_apply"
+                attempt.error, attempt.rejected, call.outcome = str(exc), False, CallOutcome.FAILED_TO_APPLY
             prompt = (
                 base_prompt
                 + "\n\n"
@@ -214,7 +215,7 @@ class Implementer:
                     "revise", idea_title=idea.title, error=attempt.error, diff=response.text.strip()[-20000:]
                 )
             )
-            purpose = "revise"
+            purpose = CallPurpose.REVISE
         return attempt
 
     def check(self, answer: str) -> str:

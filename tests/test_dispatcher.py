@@ -70,6 +70,14 @@ class World:
             ids.append(f"{idea_id}-t0")
         return ids
 
+    def started(self) -> tuple[str, str]:
+        """One trial, submitted and started by its job: (trial id, job id)."""
+        (tid,) = self.add(1)
+        self.dispatcher.poll()
+        job = self.scheduler.job_for(tid)
+        self.scheduler.start(job)
+        return tid, job
+
     def state(self, trial_id: str) -> str:
         (state,) = self.ledger.db.execute(
             "SELECT state FROM trials WHERE trial_id = ?", (trial_id,)
@@ -227,10 +235,7 @@ def test_a_started_job_makes_its_trial_running_with_its_node_and_gpus(world: Wor
 
 
 def test_a_vanished_job_is_resubmitted_once_then_its_trial_crashes(world: World) -> None:
-    (tid,) = world.add(1)
-    world.dispatcher.poll()
-    first = world.scheduler.job_for(tid)
-    world.scheduler.start(first)
+    tid, first = world.started()
     world.scheduler.vanish(first)
     world.wait(TIMING["vanished_grace_s"] - 2)
     assert world.state(tid) == TrialState.RUNNING, "a vanished job gets its grace"
@@ -245,10 +250,7 @@ def test_a_vanished_job_is_resubmitted_once_then_its_trial_crashes(world: World)
 
 
 def test_a_preempted_job_that_slurm_requeues_is_followed_not_resubmitted(world: World) -> None:
-    (tid,) = world.add(1)
-    world.dispatcher.poll()
-    job = world.scheduler.job_for(tid)
-    world.scheduler.start(job)
+    tid, job = world.started()
     world.wait(1.0)
     world.scheduler.end(job, JobState.PREEMPTED)
     world.wait(3.0)  # past the result grace, within the vanished grace
@@ -264,10 +266,7 @@ def test_a_preempted_job_that_slurm_requeues_is_followed_not_resubmitted(world: 
 
 
 def test_a_preempted_job_that_does_not_come_back_runs_again(world: World) -> None:
-    (tid,) = world.add(1)
-    world.dispatcher.poll()
-    job = world.scheduler.job_for(tid)
-    world.scheduler.start(job)
+    tid, job = world.started()
     world.scheduler.end(job, JobState.PREEMPTED)
     world.wait(TIMING["vanished_grace_s"] + SLACK)
     assert len(world.scheduler.submits) == 2 and "preempted; resubmitted" in world.row(tid)["note"]
@@ -280,10 +279,7 @@ def test_a_preempted_job_that_does_not_come_back_runs_again(world: World) -> Non
 )  # fmt: skip
 def test_a_job_that_ends_without_a_result_is_recorded_by_its_end_state(world: World, state: JobState,
                                                                         status: Status) -> None:  # fmt: skip
-    (tid,) = world.add(1)
-    world.dispatcher.poll()
-    job = world.scheduler.job_for(tid)
-    world.scheduler.start(job)
+    tid, job = world.started()
     world.scheduler.end(job, state, log="Traceback: boom")
     world.wait(TIMING["result_grace_s"] - 1)
     assert world.status(tid) is None, "a result may still be on its way"
@@ -297,10 +293,7 @@ def test_a_job_that_ends_without_a_result_is_recorded_by_its_end_state(world: Wo
 
 
 def test_a_job_that_ran_out_of_disk_is_recorded_disk_full_and_reopened(world: World) -> None:
-    (tid,) = world.add(1)
-    world.dispatcher.poll()
-    job = world.scheduler.job_for(tid)
-    world.scheduler.start(job)
+    tid, job = world.started()
     world.scheduler.end(job, JobState.FAILED, log="OSError: [Errno 28] No space left on device")
     world.wait(TIMING["result_grace_s"] + SLACK)
     assert world.status(tid) == Status.DISK_FULL

@@ -135,3 +135,26 @@ def test_a_ledger_from_before_the_outcome_column_opens_and_gains_it(tmp_path: Pa
     frame = ledger.frames()["llm_calls"].set_index("call_id")
     assert frame.loc["new", "outcome"] == "applied" and pd.isna(frame.loc["old", "outcome"])
     assert ledger.spent_usd() == pytest.approx(0.75)
+
+
+def test_an_older_ledgers_implementer_calls_gain_their_idea_from_the_patch_that_lists_them(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / ledger_module.LEDGER_FILE)
+    old.execute("CREATE TABLE llm_calls (call_id TEXT PRIMARY KEY, role TEXT, purpose TEXT, created_at REAL)")
+    old.execute(
+        "CREATE TABLE patches (idea_id TEXT PRIMARY KEY, status TEXT NOT NULL, diff TEXT, reason TEXT,"
+        " attempts INTEGER, llm_call_ids TEXT, created_at REAL)"
+    )
+    old.executemany("INSERT INTO llm_calls (call_id, role) VALUES (?, ?)",
+                    [("e0-ideate-0-a0", "ideator"), ("e0-000-s0-r0", "implementer"), ("e0-000-s1-r0", "implementer")])  # fmt: skip
+    old.execute(
+        "INSERT INTO patches VALUES ('e0-000', 'applied', '', '', 2, ?, 0)",
+        ('["e0-000-s0-r0", "e0-000-s1-r0"]',),
+    )
+    old.commit()
+    old.close()
+    calls = Ledger(tmp_path).frames()["llm_calls"].set_index("call_id").idea_id
+    assert calls["e0-000-s0-r0"] == calls["e0-000-s1-r0"] == "e0-000" and pd.isna(calls["e0-ideate-0-a0"])
