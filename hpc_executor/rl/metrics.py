@@ -52,16 +52,15 @@ def step_metrics(samples: pd.DataFrame) -> pd.DataFrame:
     previous: list[str] = []
     for step, group in samples.groupby("step", sort=True):
         ideas = group[group.idea_id.notna()]
-        texts = [
-            diversity.idea_text(t or "", d or "") for t, d in zip(ideas.title, ideas.description, strict=True)
-        ]
+        titles, descriptions = ideas.title.fillna("").astype(str), ideas.description.fillna("").astype(str)
+        texts = [diversity.idea_text(t, d) for t, d in zip(titles, descriptions, strict=True)]
         rows.append({"step": step, **_step(group, texts, previous)})
         previous = texts
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def _step(group: pd.DataFrame, texts: list[str], previous: list[str]) -> dict[str, Any]:
-    executed = group.executed.fillna(False).astype(bool).to_numpy()
+    executed = group.executed.astype("boolean").fillna(False).to_numpy(dtype=bool)  # SQLite: 0/1, NULL
     thinking = group.thinking_chars.fillna(0).to_numpy(dtype=float)
     near = diversity.clusters(diversity.similarities(texts, diversity.JACCARD), NEAR_DUPLICATE)
     return {
