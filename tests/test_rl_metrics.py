@@ -149,9 +149,9 @@ def test_analysis_rl_steps_from_a_frame_and_from_a_run_dir(
 
 
 def test_the_frame_as_sqlite_returns_it_gives_the_same_steps() -> None:
-    # executed as 0/1 with NULL for the sample that gave no idea, missing descriptions as NULL
+    # pandas reads an INTEGER column holding a NULL as floats with NaN: here the sample with no idea
     stored = HAND.assign(
-        executed=[1, 1, 0, None, 1, 1], description=HAND.description.where(HAND.step == 0, None)
+        executed=[1.0, 1.0, 0.0, math.nan, 1.0, 1.0], description=HAND.description.where(HAND.step == 0, None)
     )
     expected = metrics.step_metrics(HAND.assign(description=stored.description.fillna("")))
     pd.testing.assert_frame_equal(metrics.step_metrics(stored), expected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 from omegaconf import OmegaConf
@@ -26,8 +27,8 @@ def only(name: str, **values: float) -> dict[str, dict[str, object]]:
     return {name: {"enabled": True, **values}}
 
 
-def shaped(cfg: object, executed: list[bool] | None = EXECUTED) -> list[float]:
-    return shape_rewards(REWARDS, TEXTS, THINKING, PREVIOUS, EARLIER, cfg, executed=executed)  # type: ignore[arg-type]
+def shaped(cfg: Any, executed: list[bool] | None = EXECUTED) -> list[float]:
+    return shape_rewards(REWARDS, TEXTS, THINKING, PREVIOUS, EARLIER, cfg, executed=executed)
 
 
 def test_nearest_jaccard_is_the_max_over_lower_cased_word_sets() -> None:
