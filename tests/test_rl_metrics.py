@@ -14,7 +14,7 @@ from hpc_executor import analysis
 from hpc_executor.ledger import Ledger
 from hpc_executor.rl import metrics
 
-# the columns that are a number on every step (the others are NaN where undefined)
+# the columns that are a number on every step whose rewards are in (the others are NaN where undefined)
 ALWAYS = ["samples", "ideas", "executed", "execution_rate", "mean_reward", "max_reward", "distinct_exact",
           "distinct_near", "largest_group", "mean_thinking_chars"]  # fmt: skip
 UNDEFINED_ON_ONE_SAMPLE = ["execution_long_thinking", "execution_short_thinking", "thinking_execution_r"]
@@ -123,7 +123,7 @@ def render(table: object) -> str:
 def test_progress_line_and_end_table() -> None:
     frame = metrics.step_metrics(HAND)
     assert metrics.progress_line(frame.iloc[0]) == (
-        "rl step 0 | samples 4 | executed 2 (50%) | reward mean 0.3500 max 0.8000 | distinct 2 exact, 1 near "
+        "rl step 1 | samples 4 | executed 2 (50%) | reward mean 0.3500 max 0.8000 | distinct 2 exact, 1 near "
         "(largest 3) | Jaccard to previous - | thinking 400 chars, executed long/short 0%/100%"
     )
     text = render(metrics.step_table(frame))
@@ -131,9 +131,26 @@ def test_progress_line_and_end_table() -> None:
         [cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")
     ]
     assert rows == [
-        ["0", "4", "2 (50%)", "0.3500", "0.8000", "2", "1", "3", "-", "400", "0% / 100%", "-0.89"],
-        ["1", "2", "2 (100%)", "0.7000", "0.9000", "2", "2", "1", "0.56", "200", "- / -", "-"],
+        ["1", "4", "2 (50%)", "0.3500", "0.8000", "2", "1", "3", "-", "400", "0% / 100%", "-0.89"],
+        ["2", "2", "2 (100%)", "0.7000", "0.9000", "2", "2", "1", "0.56", "200", "- / -", "-"],
     ]
+
+
+def test_the_progress_line_counts_steps_from_one_and_of_how_many() -> None:
+    row = {**metrics.step_metrics(HAND).iloc[1].to_dict(), "steps": 4}
+    assert metrics.progress_line(row).startswith(
+        "rl step 2/4 | samples 2 | executed 2 (100%) | reward mean 0.7000"
+    )
+
+
+def test_a_step_whose_trials_still_run_has_no_reward_yet() -> None:
+    running = HAND.assign(reward=HAND.reward.where(HAND.step == 0), executed=HAND.executed & (HAND.step == 0))
+    first, second = metrics.step_metrics(running).to_dict("records")
+    assert (first["mean_reward"], first["max_reward"]) == (pytest.approx(0.35), 0.8)
+    assert math.isnan(second["mean_reward"]) and math.isnan(second["max_reward"]), (
+        "not 0: nothing is known yet"
+    )
+    assert "reward mean - max - |" in metrics.progress_line(second)
 
 
 def test_analysis_rl_steps_from_a_frame_and_from_a_run_dir(

@@ -2,10 +2,12 @@
 
 The frame has one row per sample (``Ledger.rl_samples_frame()``): step, sample_index, text,
 thinking_chars, answer_chars, idea_id (None when the sample gave no idea), title, description,
-executed, reward (0.0 for failed). Per step:
+executed, reward (0.0 for failed, NaN until the step's trials are done). Per step; steps are
+numbered from 0 in the frame, from 1 in the progress line and the table (as epochs are):
 
 - ``execution_rate``: executed samples / samples (a sample with no idea did not execute);
-  ``mean_reward`` and ``max_reward`` over all samples, failed ones at 0, as the paper counted them.
+  ``mean_reward`` and ``max_reward`` over all samples, failed ones at 0, as the paper counted them
+  (over the rewarded ones while the step's trials still run).
 - ``distinct_exact``: distinct ideas after normalising title + description (lower case, words only,
   in order); ``distinct_near``: groups of near-duplicates, ideas joined when their token Jaccard
   similarity is at least 0.6 (``diversity.NEAR_DUPLICATE``, the diversity module's threshold);
@@ -20,7 +22,8 @@ executed, reward (0.0 for failed). Per step:
 A quantity that does not exist for a step is NaN, never a made-up number, and shows as "-":
 ``jaccard_to_previous`` on the first step or where either step has no idea, the long/short rates
 where every sample thinks equally long (one sample, say), the correlation where thinking length or
-executing does not vary. Everything else is always a number, a step where nothing executed included.
+executing does not vary, the rewards before any is in. Everything else is always a number, a step
+where nothing executed included.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def _step(group: pd.DataFrame, texts: list[str], previous: list[str]) -> dict[st
         "ideas": len(texts),
         "executed": int(executed.sum()),
         "execution_rate": float(executed.mean()),
-        "mean_reward": float(group.reward.fillna(0.0).mean()),
-        "max_reward": float(group.reward.fillna(0.0).max()),
+        "mean_reward": float(group.reward.mean()),  # pandas skips the NaN of samples not rewarded yet
+        "max_reward": float(group.reward.max()),
         "distinct_exact": len({" ".join(diversity.words(t)) for t in texts}),
         "distinct_near": len(near),
         "largest_group": max(map(len, near), default=0),
@@ -99,14 +102,16 @@ def _number(value: Any, spec: str) -> str:
 
 
 def progress_line(row: Mapping[str, Any] | pd.Series) -> str:
-    """One line for the driver's progress output, from a row of ``step_metrics`` (a row of a frame
-    with float columns holds its counts as floats: they are shown as whole numbers)."""
+    """One line for the driver's progress output, from a row of ``step_metrics``, plus the run's
+    number of steps where the row has ``steps`` (a row of a frame with float columns holds its
+    counts as floats: they are shown as whole numbers)."""
     count = {
         k: int(row[k])
         for k in ("step", "samples", "executed", "distinct_exact", "distinct_near", "largest_group")
     }
+    steps = f"/{int(row['steps'])}" if "steps" in row else ""
     return (
-        f"rl step {count['step']} | samples {count['samples']} | executed {count['executed']} "
+        f"rl step {count['step'] + 1}{steps} | samples {count['samples']} | executed {count['executed']} "
         f"({_number(row['execution_rate'], '.0%')}) | reward mean {_number(row['mean_reward'], '.4f')} "
         f"max {_number(row['max_reward'], '.4f')} | distinct {count['distinct_exact']} exact, "
         f"{count['distinct_near']} near (largest {count['largest_group']}) | Jaccard to previous "
@@ -128,7 +133,7 @@ def step_table(frame: pd.DataFrame) -> Table:
         table.add_column(col, justify="right")
     for row in frame.to_dict("records"):
         table.add_row(
-            str(row["step"]), str(row["samples"]), f"{row['executed']} ({_number(row['execution_rate'], '.0%')})",
+            str(row["step"] + 1), str(row["samples"]), f"{row['executed']} ({_number(row['execution_rate'], '.0%')})",
             _number(row["mean_reward"], ".4f"), _number(row["max_reward"], ".4f"), str(row["distinct_exact"]),
             str(row["distinct_near"]), str(row["largest_group"]), _number(row["jaccard_to_previous"], ".2f"),
             _number(row["mean_thinking_chars"], ",.0f"),
