@@ -101,7 +101,7 @@ def _number(value: Any, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
-def progress_line(row: Mapping[str, Any] | pd.Series) -> str:
+def progress_line(row: Mapping[Any, Any] | pd.Series) -> str:
     """One line for the driver's progress output, from a row of ``step_metrics``, plus the run's
     number of steps where the row has ``steps`` (a row of a frame with float columns holds its
     counts as floats: they are shown as whole numbers)."""
