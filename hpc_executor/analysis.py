@@ -72,8 +72,9 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
 def rl_steps(run: str | Path | pd.DataFrame) -> pd.DataFrame:
     """Per step of an RL run (strategy=rl): mean and max reward, execution rate, distinct ideas (exact
     and near-duplicate), Jaccard similarity to the previous step, mean thinking length and thinking
-    length vs execution (``hpc_executor.rl.metrics``). ``run`` is a run directory, or its samples
-    frame (``Ledger.rl_samples_frame()``) itself."""
+    length vs execution (``hpc_executor.rl.metrics``). ``run`` is a run directory (read live, as
+    ``ledger.load(run, live=True)`` reads it: on the driver's host), or its samples frame
+    (``Ledger.rl_samples_frame()``) itself."""
     if isinstance(run, pd.DataFrame):
         return metrics.step_metrics(run)
     ledger = Ledger(run)
