@@ -3,6 +3,7 @@
 from hpc_executor import analysis
 df = analysis.outcomes(["multirun/2026-11-27/10-00-00/0-tiny-offline-evolution-seed0", ...])
 analysis.by_epoch(df)        # ideas, execution rate, best and mean reward per run and epoch
+analysis.rl_steps("outputs/tiny-rl-seed0")  # strategy=rl: what the paper measured, per step
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpc_executor.ledger import LEDGER_FILE, load
+from hpc_executor.ledger import LEDGER_FILE, Ledger, load
+from hpc_executor.rl import metrics
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -65,3 +67,19 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
     """How ideas ended, per run: ok, implement_failed, patch_rejected, crashed, timeout, ..."""
     return df[df.kind != "baseline"].pivot_table(index="run", columns="status", values="idea_id", aggfunc="count",
                                                    fill_value=0)  # fmt: skip
+
+
+def rl_steps(run: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Per step of an RL run (strategy=rl): mean and max reward, execution rate, distinct ideas (exact
+    and near-duplicate), Jaccard similarity to the previous step, mean thinking length and thinking
+    length vs execution (``hpc_executor.rl.metrics``). ``run`` is a run directory (read live, as
+    ``ledger.load(run, live=True)`` reads it: on the driver's host), or its samples frame
+    (``Ledger.rl_samples_frame()``) itself."""
+    if isinstance(run, pd.DataFrame):
+        return metrics.step_metrics(run)
+    ledger = Ledger(run)
+    try:
+        samples = ledger.rl_samples_frame()  # type: ignore[attr-defined]  # rlloop's Ledger method
+    finally:
+        ledger.close()
+    return metrics.step_metrics(samples)
