@@ -48,6 +48,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from hpc_executor.errors import ConfigError, HpcExecutorError, PreflightError
 from hpc_executor.model_server import ModelServer
 from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExample, TrainSettings
+from hpc_executor.rl.state_file import read_state
 from hpc_executor.sandbox import tail
 from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.worker import write_atomic
@@ -184,7 +185,7 @@ class VllmLoraPolicy(Policy):
     def _ensure_server(self) -> str:
         """The server's root URL, starting it (or adopting the one an earlier driver left) if needed."""
         if self.server.url is None:
-            job_id = _read_json(self._server_record).get("job_id")
+            job_id = read_state(self._server_record).get("job_id")
             if not (job_id and self.server.adopt(str(job_id))):
                 self._start_server()
             write_atomic(self._server_record, json.dumps({"job_id": self.server.job_id}))
@@ -304,7 +305,7 @@ class VllmLoraPolicy(Policy):
         if version is None:
             if not self.cfg.serve_during_execution:
                 self._stop_server()  # the update takes the GPUs; the server comes back to sample
-            job_id = _read_json(record).get("job_id")
+            job_id = read_state(record).get("job_id")
             if not (job_id and self._still_running(str(job_id))):
                 job_id = self._submit_update(examples, step, Path(out_dir), record, done_file)
             version = self._wait_for_update(str(job_id), step, done_file)
@@ -401,18 +402,10 @@ def parse_completions(answer: dict[str, Any], prompt_tokens: list[int], n: int, 
 
 def _finished(done_file: Path) -> PolicyVersion | None:
     """The version an update job recorded, if it finished and its directory is still there."""
-    done = _read_json(done_file)
+    done = read_state(done_file)
     if "step" not in done or not (done.get("path") and Path(done["path"]).exists()):
         return None
     return PolicyVersion(int(done["step"]), str(done["path"]))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _http(method: str, url: str, body: dict[str, Any] | None, timeout: float = 120.0) -> tuple[int, str]:
