@@ -8,13 +8,13 @@ import json
 import os
 import sys
 import threading
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from fakes.vllm_server import COMPLETION_LENGTH, FakeVllm, fake_update
 from omegaconf import OmegaConf
+from test_model_server import answers
 
 from hpc_executor.config import SchedulerConfig
 from hpc_executor.errors import ConfigError, PreflightError
@@ -72,14 +72,6 @@ def examples(advantage: float = 0.0) -> list[TrainingExample]:
 
 def expected_tokens(seed: int, index: int, shift: int = 0) -> list[int]:
     return [97 + (seed + index + k + shift) % 26 for k in range(COMPLETION_LENGTH)]
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=3) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def test_samples_carry_the_prompt_ids_and_each_completions_token_ids_and_logprobs(

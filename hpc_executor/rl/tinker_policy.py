@@ -36,12 +36,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import DictConfig
 
 from hpc_executor.errors import ConfigError, HpcExecutorError, PreflightError
 from hpc_executor.llm.credentials import TINKER_KEY_ENV
 from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExample, TrainSettings
+from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
 from hpc_executor.scheduler import Scheduler
 from hpc_executor.worker import write_atomic
@@ -107,20 +107,6 @@ def to_datum(sdk: ModuleType, example: TrainingExample) -> Any:
     )
 
 
-def read_policy_config(policy_cfg: DictConfig) -> DictConfig:
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TinkerPolicyConfig), policy_cfg)
-    except (ConfigKeyError, ValidationError) as exc:
-        keys = ", ".join(TinkerPolicyConfig.__dataclass_fields__)
-        raise ConfigError(
-            f"model.policy (backend tinker): {str(exc).splitlines()[0]}; its keys are {keys}"
-        ) from exc
-    assert isinstance(cfg, DictConfig)
-    if not cfg.model:
-        raise ConfigError("model.policy.model is not set: give the base model as Tinker names it")
-    return cfg
-
-
 class TinkerPolicy(Policy):
     def __init__(
         self,
@@ -131,7 +117,7 @@ class TinkerPolicy(Policy):
         *,
         service: Any = None,  # a tinker.ServiceClient; made from the config when not given
     ) -> None:
-        self.cfg = read_policy_config(policy_cfg)
+        self.cfg = read_policy_config(policy_cfg, TinkerPolicyConfig, "the base model as Tinker names it")
         self.train = train
         self.loss, self.loss_config = tinker_loss(train)
         self.sdk = tinker_sdk()

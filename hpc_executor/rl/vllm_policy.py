@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
 from hpc_executor.errors import ConfigError, HpcExecutorError, PreflightError
 from hpc_executor.model_server import ModelServer
 from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExample, TrainSettings
+from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
 from hpc_executor.sandbox import tail
 from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
@@ -105,23 +105,6 @@ class PolicyServeError(HpcExecutorError):
     group without completions), or its update job ended without a version."""
 
 
-def read_policy_config(policy_cfg: DictConfig) -> DictConfig:
-    """``policy_cfg`` over the defaults; an unknown key or a wrong type is a ConfigError naming the keys."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(VllmPolicyConfig), policy_cfg)
-    except (ConfigKeyError, ValidationError) as exc:
-        keys = ", ".join(VllmPolicyConfig.__dataclass_fields__)
-        raise ConfigError(
-            f"model.policy (backend vllm): {str(exc).splitlines()[0]}; its keys are {keys}"
-        ) from exc
-    assert isinstance(cfg, DictConfig)
-    if not cfg.model:
-        raise ConfigError(
-            "model.policy.model is not set: give the Hugging Face model directory or hub id to serve"
-        )
-    return cfg
-
-
 def run_peft_update(fields: dict[str, Any]) -> PolicyVersion:
     """The default update: ``hpc_executor.rl.update.run_update`` on an ``UpdateSpec`` of ``fields``
     (imported in the job, so the driver needs neither torch nor peft)."""
@@ -156,7 +139,9 @@ class VllmLoraPolicy(Policy):
             raise ConfigError(
                 "the vllm policy serves its model and runs its update as scheduler jobs: give it a scheduler"
             )
-        self.cfg = read_policy_config(policy_cfg)
+        self.cfg = read_policy_config(
+            policy_cfg, VllmPolicyConfig, "the Hugging Face model directory or hub id to serve"
+        )
         self.train = train
         self.work_dir = Path(work_dir)
         self.scheduler = scheduler
