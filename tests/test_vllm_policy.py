@@ -232,8 +232,10 @@ def test_served_as_a_job_started_adopted_stopped_for_trials_and_started_again(tm
         # sampling serves it again, with the new adapter
         samples = policy.sample("Hi", 1, temperature=1.0, max_tokens=5, seed=1)
         assert samples[0].tokens == expected_tokens(1, 0, shift=1) and version.step == 1
-        policy.suspend()  # trials execute: no GPUs held
+        serving = policy.server.job_id
+        policy.suspend()  # trials execute: no GPUs held, and the job is gone before suspend returns
         assert policy.server.url is None
+        assert policy.scheduler.states([serving])[serving].finished
     finally:
         policy.close()
 

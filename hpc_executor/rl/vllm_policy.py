@@ -61,6 +61,7 @@ TOKEN_ID = re.compile(r"^token_id:(\d+)$")  # how return_tokens_as_token_ids spe
 LORA_UNSUPPORTED = re.compile(r"does not support LoRA|LoRA is not supported", re.IGNORECASE)
 LORA_RANK_REJECTED = re.compile(r"max_lora_rank.{0,80}must be", re.IGNORECASE | re.DOTALL)
 POLL_S = 2.0
+STOP_WAIT_S = 300.0  # a cancelled server's job is given this long to end and free its GPUs
 UNKNOWN_GRACE_S = 120.0  # sacct may not know a job for a while after it was submitted
 
 UpdateFn = Callable[[dict[str, Any]], PolicyVersion]
@@ -197,9 +198,20 @@ class VllmLoraPolicy(Policy):
             raise
 
     def _stop_server(self) -> None:
+        """Cancel the server and wait (up to STOP_WAIT_S) until its job is gone: the update or the
+        trials that take its GPUs next would otherwise find their memory still held."""
+        job_id = self.server.job_id
         self.server.stop()
         self._loaded = None
         write_atomic(self._server_record, json.dumps({"job_id": None}))
+        deadline = time.monotonic() + STOP_WAIT_S
+        while job_id and time.monotonic() < deadline:
+            try:
+                if self.scheduler.states([job_id])[job_id] not in (JobState.PENDING, JobState.RUNNING):
+                    return
+            except SchedulerQueryError:
+                pass
+            self._sleep(POLL_S / 4)
 
     def _ensure_adapter(self, root: str) -> str:
         """The model name to sample the current version from: the base, or its adapter, loaded now
