@@ -15,6 +15,7 @@ import pytest
 from fakes.vllm_server import COMPLETION_LENGTH, FakeVllm, fake_update
 from omegaconf import OmegaConf
 from test_model_server import answers
+from test_slurm import slurm
 
 from hpc_executor.config import SchedulerConfig
 from hpc_executor.errors import ConfigError, PreflightError
@@ -42,9 +43,9 @@ def policy_cfg(*extra_serve_args: str, **overrides: object):
     return OmegaConf.create(cfg | overrides)
 
 
-def make_policy(tmp_path: Path, cfg=None) -> VllmLoraPolicy:
+def make_policy(tmp_path: Path, cfg=None, scheduler_name: str = "local") -> VllmLoraPolicy:
     scheduler = make_scheduler(
-        OmegaConf.structured(SchedulerConfig(name="local", time_limit_min=5)), tmp_path / "submitit"
+        OmegaConf.structured(SchedulerConfig(name=scheduler_name, time_limit_min=5)), tmp_path / "submitit"
     )
     return VllmLoraPolicy(cfg or policy_cfg(), TrainSettings(lora_rank=8), tmp_path / "policy", scheduler,
                           update=fake_update, sleep=lambda s: threading.Event().wait(0.2))  # fmt: skip
@@ -211,8 +212,11 @@ def held_update(fields: dict) -> PolicyVersion:
     return fake_update({k: v for k, v in fields.items() if k != "hold"})
 
 
-def test_served_as_a_job_started_adopted_stopped_for_trials_and_started_again(tmp_path: Path) -> None:
-    policy = make_policy(tmp_path, policy_cfg(serve_during_execution=False))
+@pytest.mark.parametrize("scheduler_name", ["local", pytest.param("slurm", marks=slurm)])
+def test_served_as_a_job_started_adopted_stopped_for_trials_and_started_again(
+    tmp_path: Path, scheduler_name: str
+) -> None:
+    policy = make_policy(tmp_path, policy_cfg(serve_during_execution=False), scheduler_name)
     command = policy.server.command()
     assert command == ["env", "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True", sys.executable, str(FAKE), MODEL, "--port",
                        "{port}", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2"]  # fmt: skip
@@ -222,7 +226,7 @@ def test_served_as_a_job_started_adopted_stopped_for_trials_and_started_again(tm
         url, job_id = policy.server.url, policy.server.job_id
         assert url and answers(url)
 
-        restarted = make_policy(tmp_path)  # a driver killed after sampling: it adopts the server
+        restarted = make_policy(tmp_path, scheduler_name=scheduler_name)  # a killed driver adopts the server
         restarted._ensure_server()
         assert restarted.server.job_id == job_id
 
