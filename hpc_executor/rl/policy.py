@@ -73,6 +73,12 @@ class Policy(abc.ABC):
     def use(self, version: PolicyVersion) -> None:
         """Sample from, and train on from, ``version`` (a resumed run's last finished step)."""
 
+    def suspend(self) -> None:
+        """The loop is about to execute trials (hours): release the GPUs the policy holds while
+        it waits (a served model), unless its config keeps them; the next ``sample`` or
+        ``train_step`` takes them again. A no-op by default."""
+        return None
+
     def close(self) -> None:
         """Release what the backend holds (a served model, a client); a no-op by default."""
         return None
