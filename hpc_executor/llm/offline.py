@@ -48,12 +48,12 @@ class Step:
     @classmethod
     def parse(cls, text: str) -> Step:
         entry_id, *pairs = text.split()
-        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs if "=" in p))  # type: ignore[misc]
+        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs if p.partition("=")[2]))  # type: ignore[misc]
 
 
 def recipe_of(description: str) -> list[Step]:
     """The steps of a description's recipe; an empty part or a parameter without a value (sampled
-    text garbles them) is left out."""
+    text garbles them) is left out (``catalog_recipe`` gives it its first value)."""
     match = _RECIPE.search(description or "")
     return [Step.parse(part) for part in match.group(1).split("|") if part.split()] if match else []
 
@@ -72,10 +72,14 @@ def catalog_recipe(title: str, description: str, catalog: dict[str, dict[str, An
 
 
 def _known(step: Step, catalog: dict[str, dict[str, Any]]) -> Step | None:
-    if step.entry_id in catalog:
-        return step
-    close = difflib.get_close_matches(step.entry_id, list(catalog), n=1, cutoff=MATCH_CUTOFF)
-    return Step(close[0], step.params) if close else None
+    """The step with its entry id corrected, and the parameters it lacks at their first values."""
+    close = [step.entry_id] if step.entry_id in catalog else difflib.get_close_matches(
+        step.entry_id, list(catalog), n=1, cutoff=MATCH_CUTOFF)  # fmt: skip
+    if not close:
+        return None
+    given = dict(step.params)
+    missing = tuple(p for p in OfflineLLM._default_params(catalog[close[0]]) if p[0] not in given)
+    return Step(close[0], step.params + missing)
 
 
 def _entry_titled(title: str, catalog: dict[str, dict[str, Any]]) -> str | None:
