@@ -16,6 +16,7 @@ from fakes.policy import CRASH, HIGHER_LR, NO_IDEA, TEXTS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hpc_executor import ledger as ledger_module
 from hpc_executor.config import register_configs
 from hpc_executor.environment import Environment
 from hpc_executor.errors import ConfigError, HpcExecutorError, PreflightError
@@ -23,7 +24,7 @@ from hpc_executor.implementer import Implementer
 from hpc_executor.ledger import Ledger
 from hpc_executor.llm import LLMSpec
 from hpc_executor.llm.offline import OfflineLLM, catalog_recipe, load_catalog
-from hpc_executor.rl import backends
+from hpc_executor.rl import backends, records
 from hpc_executor.rl.advantages import advantages
 from hpc_executor.rl.loop import parse_sample, split_thinking
 from hpc_executor.rl.policy import Sample
@@ -103,6 +104,12 @@ def test_each_step_samples_a_group_runs_it_rewards_it_and_updates_the_policy(
     assert len(calls) == len(ideas), "each idea implemented once"
     trials = table(run_dir, "SELECT * FROM trials WHERE idea_id != 'baseline'")
     assert sorted(trials.idea_id) == sorted(ideas.idea_id) and (trials.state == "done").all()
+
+    recorded = records.step_samples(Ledger(run_dir), 1)
+    assert [s["tokens"] for s in recorded] == [list(t.encode()) for t in samples[samples.step == 1].text]
+    assert all(len(s["logprobs"]) == len(s["tokens"]) and s["prompt_tokens"] for s in recorded)
+    exported = pd.read_parquet(ledger_module.export_parquet(run_dir) / "rl_samples.parquet")
+    assert records.unpack_ints(exported.tokens[0]) == list(exported.text[0].encode())
 
     log = caplog.text
     assert "RL step 1/2 | mean reward" in log and "RL step 2/2 | mean reward" in log

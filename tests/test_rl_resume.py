@@ -6,7 +6,6 @@ an uninterrupted one does, sample for sample."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from conftest import REPO, run_search
 from fakes.policy import LOGITS_FILE
 from test_at_most_once import killed_at
+from test_rl_loop import table
 
 FAKE = "fakes.policy:FakePolicy"
 RUN = "outputs/quick-tiny_policy-rl-seed0"
@@ -27,14 +27,6 @@ ARGS = ("+env=quick", "+model=tiny_policy", "strategy=rl", f"model.policy.backen
 # version is written (adopted, not trained again)
 WINDOWS = ["fake_mid_sample", "rl_after_sample", "after_submit", "fake_mid_update", "rl_after_update"]
 COMPARED = ["step", "sample_index", "policy_step", "text", "reward", "advantage"]
-
-
-def query(run_dir: Path, sql: str) -> pd.DataFrame:
-    db = sqlite3.connect(run_dir / "ledger.sqlite")
-    try:
-        return pd.read_sql_query(sql, db)
-    finally:
-        db.close()
 
 
 def args_for(work: Path) -> tuple[str, ...]:
@@ -69,11 +61,11 @@ def test_a_driver_killed_anywhere_in_a_step_resumes_it_and_does_nothing_twice(
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / RUN
 
-    steps = query(run_dir, "SELECT * FROM rl_steps ORDER BY step")
+    steps = table(run_dir, "SELECT * FROM rl_steps ORDER BY step")
     assert list(steps.step) == list(range(STEPS)) and set(steps.state) == {"updated"}
-    samples = query(run_dir, "SELECT * FROM rl_samples ORDER BY step, sample_index")
+    samples = table(run_dir, "SELECT * FROM rl_samples ORDER BY step, sample_index")
     assert len(samples) == STEPS * GROUP, "each step's group recorded once"
-    reference = query(uninterrupted, "SELECT * FROM rl_samples ORDER BY step, sample_index")
+    reference = table(uninterrupted, "SELECT * FROM rl_samples ORDER BY step, sample_index")
     pd.testing.assert_frame_equal(samples[COMPARED], reference[COMPARED])
     assert list(steps.version_step) == list(range(1, STEPS + 1)), "the fake's draws are never all equal"
     assert last_logits(run_dir) == last_logits(uninterrupted), "each step trained from the right version"
@@ -87,11 +79,11 @@ def test_a_driver_killed_anywhere_in_a_step_resumes_it_and_does_nothing_twice(
     assert done and max(done.values()) == 1, f"an update finished twice: {lines}"
     assert len(done) == steps.version_step.max(), "every version was written by one update"
 
-    ideas = query(run_dir, "SELECT idea_id FROM ideas")
-    implemented = query(run_dir, "SELECT idea_id, count(*) AS n FROM llm_calls l JOIN patches p"
+    ideas = table(run_dir, "SELECT idea_id FROM ideas")
+    implemented = table(run_dir, "SELECT idea_id, count(*) AS n FROM llm_calls l JOIN patches p"
                                  " ON instr(p.llm_call_ids, l.call_id) WHERE l.purpose = 'implement' GROUP BY idea_id")  # fmt: skip
     assert sorted(implemented.idea_id) == sorted(ideas.idea_id) and (implemented.n == 1).all()
-    trials = query(run_dir, "SELECT t.*, r.status FROM trials t JOIN results r USING (trial_id)")
+    trials = table(run_dir, "SELECT t.*, r.status FROM trials t JOIN results r USING (trial_id)")
     assert sorted(trials.idea_id) == sorted(ideas.idea_id)
     ran = trials[trials.status == "ok"]
     runs = Counter((tmp_path / "runs.log").read_text().split())
