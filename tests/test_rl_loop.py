@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import QUICK_DIR, TEST_CONF, quick_env_config
-from fakes.policy import CRASH, HIGHER_LR, NO_IDEA, TEXTS
+from fakes.policy import CRASH, HIGHER_LR, LOGITS_FILE, NO_IDEA, TEXTS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -160,6 +160,28 @@ def test_an_update_that_raises_stops_the_run_and_the_same_command_retries_it(
     assert lines.count("update 1 start") == 2 and lines.count("update 1 done") == 1
     calls = table(run_dir, "SELECT idea_id FROM patches")
     assert len(calls) == len(table(run_dir, "SELECT * FROM ideas")), "nothing implemented twice"
+
+
+def test_a_sampling_call_that_raises_stops_the_run_before_anything_is_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_POLICY_FAIL_SAMPLE", "1")
+    run_dir = tmp_path / "run"
+    with pytest.raises(HpcExecutorError, match=r"RL step 1: sampling from the policy .* failed: ConnectionError: "
+                       r"the policy's server went away.*run the same command again"):  # fmt: skip
+        Search(rl_config(), run_dir).run()
+    assert table(run_dir, "SELECT count(*) AS n FROM rl_steps").n[0] == 0
+
+
+def test_a_version_that_fails_to_load_stops_the_run_with_what_to_fix(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    Search(rl_config("strategy.steps=1"), run_dir).run()
+    (run_dir / "policy" / "v0001" / LOGITS_FILE).write_text("{not json")
+    with pytest.raises(
+        HpcExecutorError, match=r"could not load version v1 .*JSONDecodeError.*run the same command"
+    ):
+        Search(rl_config("strategy.steps=2"), run_dir).run()
+    assert len(table(run_dir, "SELECT * FROM rl_steps")) == 1, "step 1 done, step 2 not begun"
 
 
 def test_an_enabled_mitigation_this_build_lacks_stops_before_any_step(tmp_path: Path) -> None:

@@ -224,9 +224,18 @@ class RLLoop:
         return version
 
     def _use(self, version: PolicyVersion) -> None:
-        if version != self.current:
+        if version == self.current:
+            return
+        try:
             self.policy.use(version)
-            self.current = version
+        except Exception as exc:
+            log.debug("loading a version failed", exc_info=True)
+            raise HpcExecutorError(
+                f"the policy ({self.policy.label}) could not load version v{version.step} ({version.path}): "
+                f"{type(exc).__name__}: {exc}. Fix what it names (the adapter's files, the backend's access to "
+                "them) and run the same command again; the ledger keeps every step done"
+            ) from exc
+        self.current = version
 
 
 # -- samples --------------------------------------------------------------------------------------

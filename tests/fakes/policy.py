@@ -5,7 +5,7 @@ advantage x log-prob), with byte tokens and log-probs that sum to the completion
 Used as ``model.policy.backend=fakes.policy:FakePolicy`` (with tests/ on PYTHONPATH). Optional
 ``model.policy.texts`` replaces the completions. ``FAKE_POLICY_LOG`` names a file that gets one line
 per event (``sample <seed>``, ``update <step> start``, ``update <step> done``), ``FAKE_POLICY_FAIL_UPDATE=1``
-makes every update raise, and the crash points ``fake_mid_sample`` and ``fake_mid_update`` kill the
+and ``FAKE_POLICY_FAIL_SAMPLE=1`` make every update or sampling call raise, and the crash points ``fake_mid_sample`` and ``fake_mid_update`` kill the
 process inside a sampling call and an update.
 """
 
@@ -57,6 +57,8 @@ class FakePolicy(Policy):
 
     def sample(self, prompt: str, n: int, *, temperature: float, max_tokens: int, seed: int) -> list[Sample]:
         self._note(f"sample {seed}")
+        if os.environ.get("FAKE_POLICY_FAIL_SAMPLE"):
+            raise ConnectionError("the policy's server went away (the fake policy's failure)")
         probs = self.probs(temperature)
         picks = random.Random(seed).choices(range(len(self.texts)), weights=probs, k=n)
         crash_point("fake_mid_sample")
