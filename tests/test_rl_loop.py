@@ -26,7 +26,7 @@ from hpc_executor.llm import LLMSpec
 from hpc_executor.llm.offline import OfflineLLM, catalog_recipe, load_catalog
 from hpc_executor.rl import backends, records
 from hpc_executor.rl.advantages import advantages
-from hpc_executor.rl.loop import parse_sample, split_thinking
+from hpc_executor.rl.loop import parse_sample, policy_section, split_thinking
 from hpc_executor.rl.policy import Sample
 from hpc_executor.search import CONF_DIR, Search
 from hpc_executor.strategies import make_strategy
@@ -241,6 +241,20 @@ def test_a_backend_whose_package_is_not_installed_names_what_installs_it(
         "model.policy.backend='tinker' needs the Python package 'not_an_installed_sdk', which is not installed: "
         "pip install -e '.[tinker]'"
     )
+
+
+def test_the_tiny_model_is_told_the_catalog_and_the_prompt_it_warms_up_on(tmp_path: Path) -> None:
+    catalog = QUICK_DIR / "catalog.yaml"
+    tiny = policy_section(
+        OmegaConf.create({"backend": "transformers", "model": "tiny"}), catalog, "the prompt"
+    )
+    assert (tiny.catalog, tiny.warm_prompt) == (str(catalog), "the prompt")
+    own = OmegaConf.create(
+        {"backend": "transformers", "model": "tiny", "catalog": "mine.yaml", "warm_prompt": "p"}
+    )
+    assert policy_section(own, catalog, "the prompt") == own
+    hub = OmegaConf.create({"backend": "vllm", "model": "Qwen/Qwen3-30B-A3B"})
+    assert policy_section(hub, catalog, "the prompt") == hub
 
 
 # -- samples ---------------------------------------------------------------------------------------

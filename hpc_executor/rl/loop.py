@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
 from hpc_executor.crashpoints import crash_point
@@ -48,6 +48,7 @@ VERSION_MARKER = "version.json"  # written once an update finished: the version 
 BASE = PolicyVersion(0, None)
 BASELINE_ID = "baseline"
 IDEA_KIND = "rl"
+TINY_MODEL = "tiny"  # policy.model: the tiny causal LM the code builds
 
 
 class RLLoop:
@@ -63,8 +64,10 @@ class RLLoop:
         search = self.search
         search.open()
         shaped_rewards([], [], [], [], [], self.cfg.mitigations)  # a mitigation this build lacks stops here
-        self.policy = make_policy(search.cfg.model.policy, train_settings(search.cfg), self.work_dir,
-                                  search.scheduler)  # fmt: skip
+        request = search.ideator.request("ideate", 1, [], seed=f"{search.cfg.seed}-rl")
+        self.prompt = f"{request.system}\n\n{request.user_text}"  # the same for every step
+        section = policy_section(search.cfg.model.policy, search.env.catalog_path(), self.prompt)
+        self.policy = make_policy(section, train_settings(search.cfg), self.work_dir, search.scheduler)
         log.info("run %s: env %s, strategy rl (%d steps x %d samples), policy %s, implementer %s, scheduler %s",
                  search.run_dir, search.env.name, self.cfg.steps, self.cfg.group_size, self.policy.label,
                  search.implementer_llm.label, search.cfg.scheduler.name)  # fmt: skip
@@ -106,8 +109,7 @@ class RLLoop:
     def sample(self, step: int, version: PolicyVersion) -> None:
         search, n = self.search, self.cfg.group_size
         self._use(version)
-        request = search.ideator.request("ideate", 1, [], seed=f"{search.cfg.seed}-rl-{step}")
-        prompt = f"{request.system}\n\n{request.user_text}"
+        prompt = self.prompt
         try:
             samples = self.policy.sample(prompt, n, temperature=self.cfg.temperature,
                                          max_tokens=self.cfg.max_tokens, seed=sample_seed(search.cfg.seed, step))  # fmt: skip
@@ -236,6 +238,20 @@ class RLLoop:
                 "them) and run the same command again; the ledger keeps every step done"
             ) from exc
         self.current = version
+
+
+def policy_section(policy: DictConfig, catalog: Path | None, prompt: str) -> DictConfig:
+    """The model group's policy section for the backend. The tiny model, built in code, is warmed up
+    on the environment's idea catalog as answers to the RL prompt (``catalog``, ``warm_prompt``),
+    unless the section names its own."""
+    section = OmegaConf.create(OmegaConf.to_container(policy, resolve=True))
+    assert isinstance(section, DictConfig)
+    if section.get("model") == TINY_MODEL:
+        if catalog is not None and not section.get("catalog"):
+            section.catalog = str(catalog)
+        if not section.get("warm_prompt"):
+            section.warm_prompt = prompt
+    return section
 
 
 # -- samples --------------------------------------------------------------------------------------
