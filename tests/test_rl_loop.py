@@ -53,7 +53,7 @@ def with_texts(cfg: DictConfig, texts: list[str]) -> DictConfig:
 def rl_config(*overrides: str) -> DictConfig:
     return composed("+env=quick", "+model=tiny_policy", "strategy=rl", f"model.policy.backend={FAKE}",
                     "strategy.steps=2", "strategy.group_size=4", "strategy.learning_rate=1.0", "sandbox=none",
-                    "run_baseline=false", *overrides)  # fmt: skip
+                    "run_baseline=false", "report.enabled=false", "scheduler.max_parallel=5", *overrides)  # fmt: skip
 
 
 def table(run_dir: Path, sql: str) -> pd.DataFrame:
