@@ -184,6 +184,20 @@ def test_a_version_that_fails_to_load_stops_the_run_with_what_to_fix(tmp_path: P
     assert len(table(run_dir, "SELECT * FROM rl_steps")) == 1, "step 1 done, step 2 not begun"
 
 
+def test_a_step_whose_ideas_were_left_unimplemented_waits_for_a_larger_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as spent:  # as a spent LLM budget leaves them
+        spent.setattr(Search, "implement", lambda self, epoch: None)
+        with pytest.raises(HpcExecutorError, match=r"RL step 1: \d of its ideas have no result yet .* raise "
+                           r"budget_usd or budget_gpu_hours and run the same command again"):  # fmt: skip
+            Search(rl_config("strategy.steps=1"), run_dir).run()
+    assert list(table(run_dir, "SELECT state FROM rl_steps").state) == ["sampled"]
+    Search(rl_config("strategy.steps=1"), run_dir).run()
+    assert list(table(run_dir, "SELECT state FROM rl_steps").state) == ["updated"]
+
+
 def test_an_enabled_mitigation_this_build_lacks_stops_before_any_step(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=r"strategy.mitigations: length_reward enabled"):
