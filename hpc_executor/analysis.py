@@ -79,7 +79,7 @@ def rl_steps(run: str | Path | pd.DataFrame) -> pd.DataFrame:
         return metrics.step_metrics(run)
     ledger = Ledger(run)
     try:
-        samples = ledger.rl_samples_frame()  # type: ignore[attr-defined]  # rlloop's Ledger method
+        samples = ledger.rl_samples_frame()
     finally:
         ledger.close()
     return metrics.step_metrics(samples)

@@ -111,11 +111,14 @@ class ModelConfig:
     implementer: LLMConfig = field(default_factory=LLMConfig)
     samples: int = 10  # diffs sampled in parallel per idea (paper: 10)
     revisions: int = 2  # revisions per sample with the error fed back (paper: 2)
+    # strategy=rl's policy: {backend: transformers | vllm | tinker | <module>:<Class>, model: <path, hub
+    # id or "tiny">, plus the keys the backend documents}; empty for the other strategies
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class StrategyConfig:
-    name: str = MISSING  # evolution | best_of_n
+    name: str = MISSING  # evolution | best_of_n | rl (RLStrategyConfig)
     epochs: int = 10
     batch_size: int = 50  # ideas per epoch (paper: 50 GRPO, 80 nanoGPT)
     call_size: int = 10  # ideas per ideator call (paper: 10)
@@ -123,6 +126,56 @@ class StrategyConfig:
     exploit_start: float = 0.5  # exploit share at epoch 1; +exploit_step every 2 epochs
     exploit_step: float = 0.1
     exploit_max: float = 0.8
+
+
+@dataclass
+class LengthRewardConfig:
+    """The paper's length reward: + per_char per character of thinking, at most cap."""
+
+    enabled: bool = False
+    cap: float = 0.3  # paper: 0.3
+    per_char: float = 0.0001
+
+
+@dataclass
+class PenaltyConfig:
+    """A mitigation that adds (or subtracts) coef times a similarity score to a sample's reward."""
+
+    enabled: bool = False
+    coef: float = 0.5
+
+
+@dataclass
+class MitigationsConfig:
+    """Reward shaping against the collapse onto a few easy ideas (README, "RL on the ideator")."""
+
+    length_reward: LengthRewardConfig = field(default_factory=LengthRewardConfig)  # the paper's
+    jaccard_penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the paper's: vs the previous step
+    novelty_bonus: PenaltyConfig = field(default_factory=PenaltyConfig)  # ours: far from every earlier idea
+
+
+@dataclass
+class RLStrategyConfig(StrategyConfig):
+    """strategy=rl (hpc_executor/rl/loop.py): per step, a group of ideas sampled from the policy with one
+    prompt, each implemented and run, rewarded, and one policy-gradient step. ``steps`` and
+    ``group_size`` count it; ``epochs`` and ``batch_size`` are set to them (an environment preset's
+    evolution batch does not apply)."""
+
+    name: str = "rl"
+    steps: int = 4  # RL steps (the paper ran 68+ epochs)
+    group_size: int = 4  # samples per step (paper: 128 nanoGPT, 256 GRPO: strategy.group_size=128)
+    loss: str = "grpo_clip"  # grpo_clip | reinforce (importance-sampled over the recorded tokens)
+    advantage: str = "grpo"  # grpo | reinforce | max_at_k (hpc_executor/rl/advantages.py)
+    max_at_k: int = 4  # k of the max_at_k advantage
+    learning_rate: float = 4e-5
+    clip_eps: float = 0.2  # GRPO-clip's ratio clip
+    kl_coef: float = 0.0  # KL penalty towards the base model (paper: none)
+    lora_rank: int = 32
+    temperature: float = 1.0  # sampling temperature (paper: 1.0)
+    max_tokens: int = 2048  # per sample, thinking included
+    # reward / measured baseline reward (1.0: as good as the baseline; failed ideas stay 0)
+    reward_relative_to_baseline: bool = False
+    mitigations: MitigationsConfig = field(default_factory=MitigationsConfig)
 
 
 @dataclass
@@ -214,4 +267,6 @@ def register_configs() -> None:
     """The primary schema types every group's values (they are merged under its keys)."""
     from hydra.core.config_store import ConfigStore  # here: workers import the schemas, not Hydra
 
-    ConfigStore.instance().store(name="search_schema", node=SearchConfig)
+    store = ConfigStore.instance()
+    store.store(name="search_schema", node=SearchConfig)
+    store.store(group="strategy", name="rl_schema", node=RLStrategyConfig)

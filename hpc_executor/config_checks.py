@@ -31,6 +31,12 @@ LOWER_BOUNDS: dict[str, int] = {
     "strategy.batch_size": 1,
     "strategy.call_size": 1,
     "strategy.max_shown": 0,
+    # strategy=rl (absent elsewhere, so not judged there); a group of one has nothing to compare
+    "strategy.steps": 1,
+    "strategy.group_size": 2,
+    "strategy.max_at_k": 1,
+    "strategy.max_tokens": 1,
+    "strategy.lora_rank": 1,
     "env.budget_s": 1,
     "env.hard_limit_s": 1,
     "env.eval_limit_s": 1,

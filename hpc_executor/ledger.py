@@ -30,6 +30,7 @@ import pandas as pd
 
 from hpc_executor import confirm, diversity, gpu_hours
 from hpc_executor.errors import LedgerError
+from hpc_executor.rl import records as rl_records
 from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
 LEDGER_FILE = "ledger.sqlite"
@@ -43,6 +44,8 @@ TABLES = (
     "trial_usage",
     "confirmations",
     "novelty_rejections",
+    "rl_steps",
+    "rl_samples",
 )
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -115,7 +118,8 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA)
+        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA
+                              + rl_records.SCHEMA)  # fmt: skip
         self._add_missing_columns()
         self._add_missing_usage()
 
@@ -395,6 +399,12 @@ class Ledger:
             " WHERE r.status = 'ok' AND t.idea_id != 'baseline' AND t.purpose IS NULL"
         ).fetchone()
         return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
+
+    def rl_samples_frame(self) -> pd.DataFrame:
+        """strategy=rl's samples, one row each: step, sample_index, text, thinking_chars, answer_chars,
+        idea_id (None when the sample gave no idea), title, description, executed (the trial ran and
+        was scored), reward (0.0 for failed; NaN until the step's trials are done)."""
+        return rl_records.samples_frame(self)
 
     def llm_usage(self) -> list[dict[str, Any]]:
         """Calls, failures, tokens and dollars per role, purpose and model, for the end-of-run table."""

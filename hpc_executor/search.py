@@ -41,10 +41,11 @@ from hpc_executor.ideator import Ideator, Proposal
 from hpc_executor.implementer import Call, Implementer
 from hpc_executor.ledger import Ledger
 from hpc_executor.llm import LLM, make_llm, spec_from_config
-from hpc_executor.llm.credentials import required_env_vars
+from hpc_executor.llm.credentials import policy_env_vars, required_env_vars
 from hpc_executor.llm.retry import RetryingLLM
 from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
+from hpc_executor.rl import settings as rl_settings
 from hpc_executor.sandbox import SandboxUnavailable, drop_secrets_from_environ, resolve_sandbox, tail
 from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
@@ -231,6 +232,11 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.cfg.strategy.name == "rl":  # RL steps on the policy instead of epochs of ideas
+            from hpc_executor.rl.loop import RLLoop
+
+            RLLoop(self).run()
+            return
         self.open()
         s = self.cfg.strategy
         log.info(
@@ -772,6 +778,11 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         spec = spec_from_config(cfg.model[role])
         for var in required_env_vars(spec):
             needed.setdefault(var, []).append(f"{role} {spec.provider}:{spec.model}")
+    if cfg.strategy.name == "rl":
+        for var in policy_env_vars(cfg.model.get("policy")):
+            needed.setdefault(var, []).append(
+                f"RL policy {cfg.model.policy.get('backend')}:{cfg.model.policy.get('model')}"
+            )
     for var, users in needed.items():
         if not os.environ.get(var):
             problems.append(f"{var} is not set (needed by the {' and the '.join(users)}); export it, "
@@ -788,6 +799,8 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         resolve_sandbox(cfg.sandbox, cfg.isolate_pids)
     except SandboxUnavailable as exc:
         problems.append(str(exc))
+    if cfg.strategy.name == "rl":
+        problems += rl_settings.problems(cfg)
     if problems:
         raise PreflightError("cannot start:\n  - " + "\n  - ".join(problems))
 

@@ -30,6 +30,8 @@ from hpc_executor.patching import WorkspacePolicy, apply_diff
 from hpc_executor.worker import copy_baseline
 
 _RECIPE = re.compile(r"\(recipe: ([^)]*)\)")
+_PARAMS = re.compile(r"\([^)]*\)")  # "Raise the learning rate (lr=0.3)": the bracket is the parameters
+MATCH_CUTOFF = 0.8  # difflib's ratio at or above which a sampled title or id names a catalog entry
 LABEL = "offline scripted stand-in (not an LLM)"
 
 
@@ -46,12 +48,46 @@ class Step:
     @classmethod
     def parse(cls, text: str) -> Step:
         entry_id, *pairs = text.split()
-        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs if p.partition("=")[2]))  # type: ignore[misc]
 
 
 def recipe_of(description: str) -> list[Step]:
+    """The steps of a description's recipe; an empty part or a parameter without a value (sampled
+    text garbles them) is left out (``catalog_recipe`` gives it its first value)."""
     match = _RECIPE.search(description or "")
-    return [Step.parse(part) for part in match.group(1).split("|")] if match else []
+    return [Step.parse(part) for part in match.group(1).split("|") if part.split()] if match else []
+
+
+def catalog_recipe(title: str, description: str, catalog: dict[str, dict[str, Any]]) -> list[Step]:
+    """The catalog entries an idea names, tolerant of sampled text (strategy=rl's policy writes the
+    ideas): its recipe, with entry ids a sampler misspelled corrected; else the entries its title
+    names, one per part of an "A + B" title, at their first parameter values; [] when it names none."""
+    steps = [_known(step, catalog) for step in recipe_of(description)]
+    if steps and all(steps):
+        return [s for s in steps if s]
+    by_title = [_entry_titled(part, catalog) for part in title.split(" + ")]
+    if not all(by_title):
+        return []
+    return [Step(k, OfflineLLM._default_params(catalog[k])) for k in by_title if k]
+
+
+def _known(step: Step, catalog: dict[str, dict[str, Any]]) -> Step | None:
+    """The step with its entry id corrected, and the parameters it lacks at their first values."""
+    close = [step.entry_id] if step.entry_id in catalog else difflib.get_close_matches(
+        step.entry_id, list(catalog), n=1, cutoff=MATCH_CUTOFF)  # fmt: skip
+    if not close:
+        return None
+    given = dict(step.params)
+    missing = tuple(p for p in OfflineLLM._default_params(catalog[close[0]]) if p[0] not in given)
+    return Step(close[0], step.params + missing)
+
+
+def _entry_titled(title: str, catalog: dict[str, dict[str, Any]]) -> str | None:
+    """The entry whose title this is, parameters in brackets and case aside, up to a few typos."""
+    wanted = _PARAMS.sub("", title).strip().lower()
+    titles = {str(e["title"]).lower(): k for k, e in catalog.items()}
+    close = difflib.get_close_matches(wanted, list(titles), n=1, cutoff=MATCH_CUTOFF)
+    return titles[close[0]] if close else None
 
 
 @cache
@@ -170,8 +206,8 @@ class OfflineLLM(LLM):
     # -- diffs ----------------------------------------------------------------------------------
     def _diff(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:
         ctx = request.context
-        recipe = recipe_of(ctx["idea"]["description"])
-        if not recipe or any(s.entry_id not in catalog for s in recipe):
+        recipe = catalog_recipe(ctx["idea"]["title"], ctx["idea"]["description"], catalog)
+        if not recipe:
             return "I cannot implement this idea: it is not from the catalog (offline scripted stand-in)."
         revising = ctx.get("revision", 0) > 0
         diffs = [self._entry_diff(catalog[s.entry_id], s, revising) for s in recipe]
