@@ -28,7 +28,7 @@ from hpc_executor.rl import backends, records
 from hpc_executor.rl.advantages import advantages
 from hpc_executor.rl.loop import parse_sample, policy_section, split_thinking
 from hpc_executor.rl.policy import Sample
-from hpc_executor.search import CONF_DIR, Search
+from hpc_executor.search import CONF_DIR, Search, preflight
 from hpc_executor.strategies import make_strategy
 from hpc_executor.types import Idea
 
@@ -216,7 +216,9 @@ def test_the_jaccard_penalty_shapes_a_repeated_idea_by_its_coef(tmp_path: Path) 
     assert len(repeats), "the fake draws the same ideas again"
     # an exact repeat of a previous step's idea has similarity 1: it pays the whole coef (0.5)
     assert repeats.shaped_reward.tolist() == pytest.approx((repeats.reward - 0.5).tolist())
-    assert (frame[frame.step == 0].shaped_reward == frame[frame.step == 0].reward).all(), "nothing before step 0"
+    assert (frame[frame.step == 0].shaped_reward == frame[frame.step == 0].reward).all(), (
+        "nothing before step 0"
+    )
 
 
 # -- settings and backends -------------------------------------------------------------------------
@@ -338,3 +340,14 @@ def test_an_idea_named_by_its_title_alone_is_implemented() -> None:
                               Environment(quick_env_config()), 1, 0, 0)  # fmt: skip
     patch, _ = implementer.implement(Idea("e0-000", 0, "raise the learnig rate", "Take larger steps."))
     assert patch.status == "applied" and "+LEARNING_RATE = 0.3" in (patch.diff or "")
+
+
+def test_a_tinker_policy_without_its_key_is_a_preflight_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tinker")
+    monkeypatch.delenv("TINKER_API_KEY", raising=False)
+    cfg = composed("+env=quick", "+model=tiny_policy", "strategy=rl", "model.policy.backend=tinker",
+                   "model.policy.model=Qwen/Qwen3-30B-A3B", "sandbox=none")  # fmt: skip
+    with pytest.raises(
+        PreflightError, match=r"TINKER_API_KEY is not set \(needed by the RL policy tinker:Qwen"
+    ):
+        preflight(cfg, Environment(cfg.env))
