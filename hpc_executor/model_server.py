@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from hpc_executor.errors import PreflightError
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.worker import write_atomic
 
 log = logging.getLogger(__name__)

@@ -1,117 +1,56 @@
-"""Launching trials: one interface over submitit's local and Slurm executors.
+"""Trials as processes on this machine, through submitit's LocalExecutor.
 
-The scheduler only launches jobs and reports their states; results travel through files in the
-trial directories (see ``worker``), so a driver that restarts needs nothing from the scheduler but
-job ids, which the ledger keeps.
+A local job's id is the pid of its submitit controller, which runs the job's function in a task
+process and writes its logs and result pickle into ``<folder>/<job id>/``. States come from those
+files and the process table, so a new scheduler on the same folder (a restarted driver) reads the
+same states as the one that submitted:
+
+* running while the controller (a submitit process naming this folder) is alive;
+* CANCELLED when ``cancel`` stopped it: a ``cancelled`` marker in its folder, written before the
+  signal, says so, as Slurm's record of an ``scancel`` does;
+* COMPLETED when its function returned (submitit's result pickle says "success");
+* FAILED otherwise: it raised, exited non-zero, or was killed from outside (SIGKILL, the OOM killer);
+* UNKNOWN when this folder holds no such job.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
-import enum
 import logging
 import math
 import os
+import shlex
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
 from omegaconf import DictConfig
+from submitit.core.utils import JobPaths, pickle_load
 
-from hpc_executor.errors import ConfigError, HpcExecutorError
+from hpc_executor.config import LocalSchedulerConfig
+from hpc_executor.scheduling.base import JobState, Scheduler, Shape
 from hpc_executor.worker import run_trial
 
 log = logging.getLogger(__name__)
 
 SUBMISSION_ENV = "HPCX_SUBMISSION"  # "<token>:<index>" in a local job's environment
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What one trial asks for; trials of one shape go out as one array."""
-
-    gpus: int
-    cpus: int
-    mem_gb: int
-    time_limit_s: int  # the worker's own limits plus a margin: the scheduler's kill is a backstop
-
-
-class JobState(str, enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"  # ended normally: the result file should be there
-    FAILED = "failed"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
-    PREEMPTED = "preempted"
-    NODE_FAIL = "node_fail"
-    OUT_OF_MEMORY = "out_of_memory"
-    UNKNOWN = "unknown"  # the scheduler has no record (yet, or any more)
-
-    @property
-    def finished(self) -> bool:
-        return self not in (JobState.PENDING, JobState.RUNNING, JobState.UNKNOWN)
-
-
-class SchedulerQueryError(HpcExecutorError):
-    """The scheduler could not be asked (sacct failed, say); the driver tries again at the next poll."""
-
-
-class Scheduler(abc.ABC):
-    def __init__(self, cfg: DictConfig, folder: Path) -> None:
-        self.cfg = cfg
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-
-    @abc.abstractmethod
-    def capacity(self, shape: Shape) -> int | None:
-        """How many trials of this shape may be in flight at once; None: let the cluster queue them."""
-
-    @abc.abstractmethod
-    def submit(
-        self, trial_dirs: list[str], shape: Shape, token: str | None = None
-    ) -> list[tuple[str, int | None]]:
-        """Launch one job per trial directory, as one array; returns (job id, array index) per trial.
-        The jobs carry ``token`` (recorded in the ledger before) so that ``find_submitted`` finds
-        them should the driver die before it records their ids."""
-
-    @abc.abstractmethod
-    def find_submitted(
-        self, submissions: dict[str, list[str]], since: float
-    ) -> dict[str, tuple[str, int | None]]:
-        """The jobs that ``submit`` calls with these tokens (token -> trial directories, in the order
-        submitted, the first not before ``since``) launched, in one query: trial directory -> (job
-        id, array index), for the directories whose job was found. Raises SchedulerQueryError."""
-
-    @abc.abstractmethod
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
-        """Run one function call as a job of this shape (a model server, say); returns its job id."""
-
-    @abc.abstractmethod
-    def states(self, job_ids: list[str]) -> dict[str, JobState]:
-        """Current state of each job, in one query; raises SchedulerQueryError when it cannot ask."""
-
-    @abc.abstractmethod
-    def cancel(self, job_ids: list[str]) -> None: ...
-
-    def job_log(self, job_id: str) -> Path | None:
-        """The job's stderr as submitit wrote it (the newest, for a job that ran more than once)."""
-        logs = sorted(self.folder.glob(f"{job_id}*/*.err")) + sorted(self.folder.glob(f"{job_id}*.err"))
-        return logs[-1] if logs else None
+CANCELLED_MARKER = "cancelled"  # in a job's folder: cancel() stopped it
 
 
 class LocalScheduler(Scheduler):
-    """Trials as local processes through submitit's LocalExecutor. It has no queue of its own (every
-    job starts at once), so ``capacity`` caps what the driver hands it by the machine's cores/GPUs."""
+    """No queue of its own (every job starts at once), so ``capacity`` caps what the driver hands
+    it by the machine's cores and GPUs."""
+
+    config_class = LocalSchedulerConfig
 
     def __init__(self, cfg: DictConfig, folder: Path) -> None:
         super().__init__(cfg, folder)
-        self._jobs: dict[str, submitit.Job[Any]] = {}
+        self._jobs: dict[str, submitit.Job[Any]] = {}  # our children: polling them reaps them
 
     def capacity(self, shape: Shape) -> int:
         if self.cfg.max_parallel:
@@ -131,7 +70,7 @@ class LocalScheduler(Scheduler):
                 with _environ(SUBMISSION_ENV, f"{token}:{index}" if token else None):
                     jobs.append(executor.submit(run_trial, trial_dir))
         for job in jobs:
-            self._jobs[job.job_id] = job
+            self._adopt(job)
         return [(job.job_id, None) for job in jobs]
 
     def find_submitted(
@@ -150,7 +89,7 @@ class LocalScheduler(Scheduler):
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
         with _outliving_the_terminal():
             job = self._executor(shape).submit(fn, *args)
-        self._jobs[job.job_id] = job
+        self._adopt(job)
         return job.job_id
 
     def _executor(self, shape: Shape) -> submitit.LocalExecutor:
@@ -158,30 +97,83 @@ class LocalScheduler(Scheduler):
         executor.update_parameters(timeout_min=math.ceil(shape.time_limit_s / 60), gpus_per_node=shape.gpus)
         return executor
 
+    def _adopt(self, job: submitit.Job[Any]) -> None:
+        # pids are reused (pid_max is often 32768): what an earlier job of the same id left in its
+        # folder must not speak for this one. The job cannot have ended yet (it is still starting
+        # Python), let alone written a result.
+        (self.folder / job.job_id / CANCELLED_MARKER).unlink(missing_ok=True)
+        JobPaths(self.folder / job.job_id, job.job_id, 0).result_pickle.unlink(missing_ok=True)
+        self._jobs[job.job_id] = job
+
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         return {job_id: self._state(job_id) for job_id in job_ids}
 
     def _state(self, job_id: str) -> JobState:
+        job_dir = self.folder / job_id
+        if self._alive(job_id):
+            return JobState.RUNNING
+        if not job_id.isdigit() or not job_dir.is_dir():
+            return JobState.UNKNOWN
+        if (job_dir / CANCELLED_MARKER).exists():
+            return JobState.CANCELLED
+        result = JobPaths(job_dir, job_id, 0).result_pickle
+        try:
+            outcome = pickle_load(result)[0] if result.exists() else None
+        except Exception:  # a pickle cut short by a kill: the job did not end normally
+            outcome = None
+        return JobState.COMPLETED if outcome == "success" else JobState.FAILED
+
+    def _alive(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
-        if job is not None:  # our child: poll() also reaps it
-            info = job.state
-            if info == "RUNNING":
-                return JobState.RUNNING
-            return JobState.COMPLETED if info == "FINISHED" else JobState.FAILED
-        # a job started by an earlier driver: alive while its controller process is
-        return JobState.RUNNING if _is_submitit_process(int(job_id)) else JobState.UNKNOWN
+        if job is not None:  # our child: polling reaps it, so its pid stays ours until then
+            return job.state == "RUNNING"
+        return job_id.isdigit() and self._is_our_job(int(job_id))
+
+    def _is_our_job(self, pid: int) -> bool:
+        """A live submitit process started for this folder (a pid alone may have been reused)."""
+        cmdline = _submitit_cmdline(pid)
+        return cmdline is not None and os.fsencode(self.folder.absolute() / "%j") in cmdline
 
     def cancel(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            job = self._jobs.get(job_id)
-            if job is not None:  # our child: its pid stays ours until we reap it, which .state does
-                if job.state == "RUNNING":
+        """SIGTERM to each live job (its controller forwards it to the task: the worker kills its
+        trial's process group on the way out), then SIGKILL, after ``kill_wait_s``, to the tasks of
+        jobs still running, as Slurm does after its KillWait. Returns once every job has ended."""
+        live = [j for j in job_ids if self._alive(j)]
+        for job_id in live:
+            (self.folder / job_id / CANCELLED_MARKER).touch()  # first: a cancelled job never reads FAILED
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job_id), signal.SIGTERM)
+        deadline = time.monotonic() + float(self.cfg.kill_wait_s)
+        while (live := [j for j in live if self._alive(j)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if live:
+            log.warning(
+                "local jobs %s ignored SIGTERM for %ss; killing them", ", ".join(live), self.cfg.kill_wait_s
+            )
+            for pid, environ in _submitit_processes():
+                if environ.get("SUBMITIT_LOCAL_JOB_ID") in live:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(job_id), signal.SIGTERM)
-            # a pid outlives its process: only signal it while it is still a submitit job
-            elif job_id.isdigit() and _is_submitit_process(int(job_id)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(job_id), signal.SIGTERM)  # submitit's controller forwards it to the worker
+                        os.kill(pid, signal.SIGKILL)  # the task; its controller then ends by itself
+            deadline = time.monotonic() + 10
+            while any(self._alive(j) for j in live) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def dry_run(self, shape: Shape, n_trials: int) -> str:
+        why = "scheduler.max_parallel" if self.cfg.max_parallel else _capacity_reason(shape)
+        controller = shlex.join([sys.executable, "-m", "submitit.local._local", str(self.folder / "%j")])
+        return "\n".join([
+            f"scheduler=local: {n_trials} trials as processes on this machine, at most "
+            f"{self.capacity(shape)} at a time ({why}).",
+            f"Each trial: {shape.cpus} CPUs, {shape.gpus} GPUs, a time limit of {math.ceil(shape.time_limit_s / 60)} "
+            "min (the worker's own limits come first); hpc_executor.worker.run_trial under",
+            f"  {controller}",
+            f"Cancel: SIGTERM, then SIGKILL after scheduler.kill_wait_s={self.cfg.kill_wait_s}s.",
+        ])  # fmt: skip
+
+
+def _capacity_reason(shape: Shape) -> str:
+    cpus = f"{os.cpu_count() or 1} CPUs / {max(1, shape.cpus)} per trial"
+    return f"{cpus}; {local_gpu_count()} GPUs / {shape.gpus} per trial" if shape.gpus else cpus
 
 
 @contextlib.contextmanager
@@ -217,7 +209,7 @@ def _environ(name: str, value: str | None) -> Iterator[None]:
 def _submitit_processes() -> Iterator[tuple[int, dict[str, str]]]:
     """(pid, environment) of every live submitit process this user may read."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or not _is_submitit_process(int(entry.name)):
+        if not entry.name.isdigit() or _submitit_cmdline(int(entry.name)) is None:
             continue
         try:
             raw = (entry / "environ").read_bytes()
@@ -227,14 +219,15 @@ def _submitit_processes() -> Iterator[tuple[int, dict[str, str]]]:
         yield int(entry.name), {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
 
 
-def _is_submitit_process(pid: int) -> bool:
+def _submitit_cmdline(pid: int) -> bytes | None:
+    """The command line of a live (not zombie) submitit process, else None."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return False
+        return None
     zombie = any(line.startswith("State:") and "Z" in line.split()[1] for line in status.splitlines())
-    return not zombie and b"submitit" in cmdline
+    return None if zombie or b"submitit" not in cmdline else cmdline
 
 
 def local_gpu_count() -> int:
@@ -246,13 +239,3 @@ def local_gpu_count() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return len(out.stdout.strip().splitlines()) if out.returncode == 0 else 0
-
-
-def make_scheduler(cfg: DictConfig, folder: Path) -> Scheduler:
-    if cfg.name == "local":
-        return LocalScheduler(cfg, folder)
-    if cfg.name == "slurm":
-        from hpc_executor.slurm import SlurmScheduler
-
-        return SlurmScheduler(cfg, folder)
-    raise ConfigError(f"scheduler={cfg.name!r} is unknown; choose scheduler=local or scheduler=slurm")
