@@ -228,7 +228,7 @@ class SearchConfig:
     sandbox: str = "auto"
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
-    dry_run: bool = False  # print the sbatch script an epoch's trials would be submitted with, then stop
+    dry_run: bool = False  # print what the scheduler would do with an epoch's trials (Slurm: the sbatch script), then stop
 
 
 def register_configs() -> None:

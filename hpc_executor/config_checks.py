@@ -121,7 +121,7 @@ def unknown_key_problem(overrides: list[str]) -> str | None:
             error = error.__cause__ or error.__context__
         where = str(exc).split(":")[0] + ": " if str(exc).startswith("In '") else ""
     schema = getattr(error, "object_type", None)
-    if error is None or schema is None or not dataclasses.is_dataclass(schema):
-        return None
+    if not isinstance(schema, type) or not dataclasses.is_dataclass(schema):
+        return None  # not an unknown key of a schema
     keys = ", ".join(f.name for f in dataclasses.fields(schema))
     return f"{where}{getattr(error, 'full_key', '?')} is not a key of {schema.__name__}; its keys are: {keys}"

@@ -17,11 +17,12 @@ from conftest import run_search
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scheduling_contract import SHAPE, SchedulerContract
+from test_slurm import wait_for
 
 from hpc_executor.config import LocalSchedulerConfig, SlurmSchedulerConfig, register_configs
 from hpc_executor.config_checks import CONF_DIR, unknown_key_problem
 from hpc_executor.errors import ConfigError
-from hpc_executor.scheduling import LocalScheduler, Scheduler, Shape, SlurmScheduler, make_scheduler
+from hpc_executor.scheduling import JobState, LocalScheduler, Scheduler, Shape, SlurmScheduler, make_scheduler
 
 register_configs()
 
@@ -43,6 +44,25 @@ class TestLocalScheduler(SchedulerContract):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
         gpus2 = Shape(gpus=2, cpus=1, mem_gb=1, time_limit_s=60)
         assert sched.capacity(gpus2) == min(cpus, 2)
+
+    def test_a_job_that_ended_unwatched_without_a_result_is_unknown(self, tmp_path: Path) -> None:
+        """Its controller's parent (a driver) died first: nothing saw how the job ended, as after a
+        lost node; the driver then runs the trial again. A job that returned still reads COMPLETED."""
+        folder = tmp_path / "submitit"
+        submit = (
+            "import sys; from pathlib import Path; from omegaconf import OmegaConf\n"
+            "from hpc_executor.scheduling import LocalScheduler, Shape\n"
+            f"s = LocalScheduler(OmegaConf.create({{'name': 'local'}}), Path({str(folder)!r}))\n"
+            "shape = Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=60)\n"
+            "print(s.submit_call(sys.exit, (1,), shape, 'x'), s.submit_call(print, ('hi',), shape, 'y'))\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", submit], capture_output=True, text=True, timeout=60, check=True
+        )
+        exited, printed = proc.stdout.split()
+        sched = self.new_scheduler(folder)
+        wait_for(lambda: not any(s is JobState.RUNNING for s in sched.states([exited, printed]).values()))
+        assert sched.states([exited, printed]) == {exited: JobState.UNKNOWN, printed: JobState.COMPLETED}
 
     def test_dry_run_says_what_it_would_run(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -90,6 +110,14 @@ def test_a_slurm_key_on_the_local_scheduler_is_refused(tmp_path: Path) -> None:
 def test_an_unknown_backend_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="choose scheduler=local or scheduler=slurm"):
         make_scheduler(OmegaConf.create({"name": "pbs"}), tmp_path)
+
+
+def test_a_jobs_log_is_looked_for_in_its_own_folder_only(tmp_path: Path) -> None:
+    """Job 12's log is not job 123's (local job ids are pids: any prefix of one is another's)."""
+    (tmp_path / "123").mkdir()
+    (tmp_path / "123" / "123_0_log.err").write_text("job 123")
+    sched = make_scheduler(OmegaConf.create({"name": "local"}), tmp_path)
+    assert sched.job_log("12") is None and sched.job_log("123") == tmp_path / "123" / "123_0_log.err"
 
 
 # -- one schema per backend, through Hydra -------------------------------------------------------

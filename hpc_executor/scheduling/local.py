@@ -1,16 +1,20 @@
 """Trials as processes on this machine, through submitit's LocalExecutor.
 
 A local job's id is the pid of its submitit controller, which runs the job's function in a task
-process and writes its logs and result pickle into ``<folder>/<job id>/``. States come from those
-files and the process table, so a new scheduler on the same folder (a restarted driver) reads the
-same states as the one that submitted:
+process and writes its logs and result pickle into ``<folder>/<job id>/``. States come from the
+process table and files in that folder, so that a new scheduler on the same folder (a restarted
+driver, ``hpc_executor.cancel``) reads what the one that submitted reads:
 
-* running while the controller (a submitit process naming this folder) is alive;
-* CANCELLED when ``cancel`` stopped it: a ``cancelled`` marker in its folder, written before the
-  signal, says so, as Slurm's record of an ``scancel`` does;
+* RUNNING while the controller (a submitit process started for this folder) is alive;
+* CANCELLED when ``cancel`` stopped it: a ``cancelled`` marker, written before the signal, says so,
+  as Slurm's record of an ``scancel`` does;
 * COMPLETED when its function returned (submitit's result pickle says "success");
-* FAILED otherwise: it raised, exited non-zero, or was killed from outside (SIGKILL, the OOM killer);
-* UNKNOWN when this folder holds no such job.
+* FAILED when it raised, exited non-zero or was killed from outside (SIGKILL, the OOM killer), as
+  seen by the scheduler that started it, which records the end of its child in an ``ended`` file
+  (a controller always exits 0, and only its parent can see that it exited);
+* UNKNOWN when the folder holds no such job, or when the job ended without a result while no
+  scheduler that could see it end was alive (the driver and its jobs killed together, a reboot):
+  as for a job sacct has no record of, the driver then runs the trial again, once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_ENV = "HPCX_SUBMISSION"  # "<token>:<index>" in a local job's environment
 CANCELLED_MARKER = "cancelled"  # in a job's folder: cancel() stopped it
+ENDED_RECORD = "ended"  # in a job's folder: the scheduler that started it saw it end
 
 
 class LocalScheduler(Scheduler):
@@ -101,8 +106,13 @@ class LocalScheduler(Scheduler):
         # pids are reused (pid_max is often 32768): what an earlier job of the same id left in its
         # folder must not speak for this one. The job cannot have ended yet (it is still starting
         # Python), let alone written a result.
-        (self.folder / job.job_id / CANCELLED_MARKER).unlink(missing_ok=True)
-        JobPaths(self.folder / job.job_id, job.job_id, 0).result_pickle.unlink(missing_ok=True)
+        job_dir = self.folder / job.job_id
+        for leftover in (
+            job_dir / CANCELLED_MARKER,
+            job_dir / ENDED_RECORD,
+            JobPaths(job_dir, job.job_id, 0).result_pickle,
+        ):
+            leftover.unlink(missing_ok=True)
         self._jobs[job.job_id] = job
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
@@ -121,13 +131,22 @@ class LocalScheduler(Scheduler):
             outcome = pickle_load(result)[0] if result.exists() else None
         except Exception:  # a pickle cut short by a kill: the job did not end normally
             outcome = None
-        return JobState.COMPLETED if outcome == "success" else JobState.FAILED
+        if outcome == "success":
+            return JobState.COMPLETED
+        if outcome == "error" or (job_dir / ENDED_RECORD).exists():
+            return JobState.FAILED
+        return JobState.UNKNOWN
 
     def _alive(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
-        if job is not None:  # our child: polling reaps it, so its pid stays ours until then
-            return job.state == "RUNNING"
-        return job_id.isdigit() and self._is_our_job(int(job_id))
+        if job is None:
+            return job_id.isdigit() and self._is_our_job(int(job_id))
+        state = job.state  # our child: polling reaps it, so its pid stays ours until now
+        if state == "RUNNING":
+            return True
+        (self.folder / job_id / ENDED_RECORD).write_text(f"{state}\n")
+        del self._jobs[job_id]
+        return False
 
     def _is_our_job(self, pid: int) -> bool:
         """A live submitit process started for this folder (a pid alone may have been reused)."""
