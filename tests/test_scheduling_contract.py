@@ -5,6 +5,7 @@ and a config with a key the backend does not have."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -17,12 +18,13 @@ from conftest import run_search
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scheduling_contract import SHAPE, SchedulerContract
-from test_slurm import wait_for
+from test_slurm import make_trials, wait_for
 
 from hpc_executor.config import LocalSchedulerConfig, SlurmSchedulerConfig, register_configs
 from hpc_executor.config_checks import CONF_DIR, unknown_key_problem
 from hpc_executor.errors import ConfigError
 from hpc_executor.scheduling import JobState, LocalScheduler, Scheduler, Shape, SlurmScheduler, make_scheduler
+from hpc_executor.worker import RESULT_FILE, STARTED_FILE
 
 register_configs()
 
@@ -44,6 +46,26 @@ class TestLocalScheduler(SchedulerContract):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
         gpus2 = Shape(gpus=2, cpus=1, mem_gb=1, time_limit_s=60)
         assert sched.capacity(gpus2) == min(cpus, 2)
+
+    def test_jobs_get_gpus_no_live_job_holds(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+        sched = self.new_scheduler(tmp_path / "submitit")
+        first, second, third = make_trials(
+            tmp_path, 3, **{"resources.gpus": 2, "extra_env": {"QUICK_SLEEP_S": "6"}}
+        )
+        shape = Shape(gpus=2, cpus=1, mem_gb=1, time_limit_s=120)
+        sched.submit([first], shape)
+        started = Path(first) / STARTED_FILE
+        wait_for(started.exists, what="the first trial to start")
+        sched.submit([second, third], shape)  # the first still holds 0,1; only 2,3 are free
+        wait_for(
+            lambda: all((Path(d) / RESULT_FILE).exists() for d in (first, second, third)), what="results"
+        )
+        devices = [
+            json.loads((Path(d) / STARTED_FILE).read_text())["cuda_visible_devices"]
+            for d in (first, second, third)
+        ]
+        assert devices == ["0,1", "2,3", "0,1"], "the third found no free GPUs and shares the first two"
 
     def test_a_job_that_ended_unwatched_without_a_result_is_unknown(self, tmp_path: Path) -> None:
         """Its controller's parent (a driver) died first: nothing saw how the job ended, as after a

@@ -62,7 +62,7 @@ class LocalScheduler(Scheduler):
             return int(self.cfg.max_parallel)
         by_cpu = max(1, (os.cpu_count() or 1) // max(1, shape.cpus))
         if shape.gpus:
-            return max(1, min(by_cpu, local_gpu_count() // shape.gpus))
+            return max(1, min(by_cpu, len(local_gpu_ids()) // shape.gpus))
         return by_cpu
 
     def submit(
@@ -71,7 +71,10 @@ class LocalScheduler(Scheduler):
         executor = self._executor(shape)
         jobs = []
         with _outliving_the_terminal():
-            for index, trial_dir in enumerate(trial_dirs):  # one process each, as map_array does
+            for index, (trial_dir, gpus) in enumerate(
+                zip(trial_dirs, _free_gpus(shape, len(trial_dirs)), strict=True)
+            ):
+                executor.update_parameters(visible_gpus=gpus)  # one process each, as map_array does
                 with _environ(SUBMISSION_ENV, f"{token}:{index}" if token else None):
                     jobs.append(executor.submit(run_trial, trial_dir))
         for job in jobs:
@@ -92,8 +95,10 @@ class LocalScheduler(Scheduler):
         return found
 
     def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+        executor = self._executor(shape)
+        executor.update_parameters(visible_gpus=_free_gpus(shape, 1)[0])
         with _outliving_the_terminal():
-            job = self._executor(shape).submit(fn, *args)
+            job = executor.submit(fn, *args)
         self._adopt(job)
         return job.job_id
 
@@ -192,7 +197,30 @@ class LocalScheduler(Scheduler):
 
 def _capacity_reason(shape: Shape) -> str:
     cpus = f"{os.cpu_count() or 1} CPUs / {max(1, shape.cpus)} per trial"
-    return f"{cpus}; {local_gpu_count()} GPUs / {shape.gpus} per trial" if shape.gpus else cpus
+    return f"{cpus}; {len(local_gpu_ids())} GPUs / {shape.gpus} per trial" if shape.gpus else cpus
+
+
+def _free_gpus(shape: Shape, n_jobs: int) -> list[tuple[int, ...]]:
+    """GPUs of their own for ``n_jobs`` jobs of this shape: this machine's GPUs that no live local job
+    (of any run) holds, in order. submitit would give every job the first ``shape.gpus``; a job for
+    which too few are free (or whose GPUs are named by UUID) gets those, with a warning."""
+    if not shape.gpus:
+        return [()] * n_jobs
+    held = {
+        device
+        for _, environ in _submitit_processes()
+        if environ.get("SUBMITIT_EXECUTOR") == "local"
+        for device in environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    }
+    free = [int(d) for d in local_gpu_ids() if d.isdigit() and d not in held]
+    assigned: list[tuple[int, ...]] = []
+    for _ in range(n_jobs):
+        mine, free = tuple(free[: shape.gpus]), free[shape.gpus :]
+        if len(mine) < shape.gpus:
+            log.warning("no %d free GPUs for a local job; it shares the first %d", shape.gpus, shape.gpus)
+            mine = ()
+        assigned.append(mine)
+    return assigned
 
 
 @contextlib.contextmanager
@@ -249,12 +277,14 @@ def _submitit_cmdline(pid: int) -> bytes | None:
     return None if zombie or b"submitit" not in cmdline else cmdline
 
 
-def local_gpu_count() -> int:
+def local_gpu_ids() -> list[str]:
+    """This machine's GPUs as CUDA_VISIBLE_DEVICES names them: the driver's own CUDA_VISIBLE_DEVICES
+    where set, else one index per GPU nvidia-smi lists."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
+        return [d.strip() for d in visible.split(",") if d.strip()]
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return len(out.stdout.strip().splitlines()) if out.returncode == 0 else 0
+        return []
+    return [str(i) for i in range(len(out.stdout.strip().splitlines()))] if out.returncode == 0 else []
