@@ -149,7 +149,8 @@ class LocalScheduler(Scheduler):
         state = job.state  # our child: polling reaps it, so its pid stays ours until now
         if state == "RUNNING":
             return True
-        (self.folder / job_id / ENDED_RECORD).write_text(f"{state}\n")
+        with contextlib.suppress(OSError):  # a full disk: the job reads UNKNOWN later, and runs again
+            (self.folder / job_id / ENDED_RECORD).write_text(f"{state}\n")
         del self._jobs[job_id]
         return False
 

@@ -6,7 +6,8 @@
   (``torchrun --nproc_per_node={gpus}``) spreads it over the node's GPUs.
 * States: one ``sacct`` call per poll for every live job, whatever their number, mapped to
   ``JobState`` by one table. A failing ``sacct`` raises ``SchedulerQueryError``; the driver logs it
-  and polls again later, deciding nothing from a missing answer.
+  and polls again later, deciding nothing from a missing answer. A job killed from outside
+  (SIGKILL) reads FAILED, one stopped by ``cancel`` (``scancel``) CANCELLED, as on the local backend.
 * Re-attach: job ids live in the ledger, and ``states`` needs nothing else, so a restarted driver
   follows the jobs its predecessor submitted.
 """
