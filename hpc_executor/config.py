@@ -144,9 +144,7 @@ class LocalSchedulerConfig(SchedulerConfig):
     """Trials as processes on this machine (submitit's LocalExecutor)."""
 
     name: str = "local"
-    kill_wait_s: float = (
-        10.0  # cancel: SIGTERM, then SIGKILL to what still runs this much later (Slurm's KillWait)
-    )
+    kill_wait_s: float = 10.0  # cancel: SIGTERM, then SIGKILL this much later (Slurm's KillWait)
 
 
 @dataclass
@@ -228,7 +226,7 @@ class SearchConfig:
     sandbox: str = "auto"
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
-    dry_run: bool = False  # print what the scheduler would do with an epoch's trials (Slurm: the sbatch script), then stop
+    dry_run: bool = False  # print what an epoch would submit (Slurm: its sbatch script), then stop
 
 
 def register_configs() -> None:
