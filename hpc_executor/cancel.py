@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from hpc_executor.errors import LedgerError
 from hpc_executor.ledger import Ledger
-from hpc_executor.scheduler import make_scheduler
+from hpc_executor.scheduling import make_scheduler
 from hpc_executor.types import Result, Status
 
 CANCELLED_META = "cancelled"

@@ -47,7 +47,7 @@ from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.rl import settings as rl_settings
 from hpc_executor.sandbox import SandboxUnavailable, drop_secrets_from_environ, resolve_sandbox, tail
-from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape, make_scheduler
+from hpc_executor.scheduling import JobState, SchedulerQueryError, Shape, make_scheduler
 from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status, Trial, array_index
@@ -761,11 +761,7 @@ def trial_shape(cfg: DictConfig) -> Shape:
 def dry_run(cfg: DictConfig, run_dir: Path) -> str:
     """What an epoch of this run would submit, without submitting (or calling any model)."""
     scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
-    shape = trial_shape(cfg)
-    if not hasattr(scheduler, "dry_run"):
-        return (f"scheduler={cfg.scheduler.name} runs each trial as a local process, "
-                f"{scheduler.capacity(shape)} at a time; there is no sbatch script to show.")  # fmt: skip
-    return scheduler.dry_run(shape, cfg.strategy.batch_size)
+    return scheduler.dry_run(trial_shape(cfg), cfg.strategy.batch_size)
 
 
 def preflight(cfg: DictConfig, env: Environment) -> None:

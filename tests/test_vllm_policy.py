@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from test_model_server import answers
 from test_slurm import slurm
 
-from hpc_executor.config import SchedulerConfig
+from hpc_executor.config import LocalSchedulerConfig, SlurmSchedulerConfig
 from hpc_executor.errors import ConfigError, PreflightError
 from hpc_executor.rl.policy import PolicyVersion, TrainingExample, TrainSettings
 from hpc_executor.rl.vllm_policy import PolicyServeError, VllmLoraPolicy, update_in_job
-from hpc_executor.scheduler import Shape, make_scheduler
+from hpc_executor.scheduling import Shape, make_scheduler
 
 TESTS = Path(__file__).resolve().parent
 FAKE = TESTS / "fakes" / "vllm_server.py"
@@ -45,7 +45,10 @@ def policy_cfg(*extra_serve_args: str, **overrides: object):
 
 def make_policy(tmp_path: Path, cfg=None, scheduler_name: str = "local") -> VllmLoraPolicy:
     scheduler = make_scheduler(
-        OmegaConf.structured(SchedulerConfig(name=scheduler_name, time_limit_min=5)), tmp_path / "submitit"
+        OmegaConf.structured(
+            LocalSchedulerConfig() if scheduler_name == "local" else SlurmSchedulerConfig(time_limit_min=5)
+        ),
+        tmp_path / "submitit",
     )
     return VllmLoraPolicy(cfg or policy_cfg(), TrainSettings(lora_rank=8), tmp_path / "policy", scheduler,
                           update=fake_update, sleep=lambda s: threading.Event().wait(0.2))  # fmt: skip

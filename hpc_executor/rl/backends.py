@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from hpc_executor.errors import ConfigError
 from hpc_executor.rl.policy import Policy, TrainSettings
-from hpc_executor.scheduler import Scheduler
+from hpc_executor.scheduling import Scheduler
 
 
 @dataclass(frozen=True)

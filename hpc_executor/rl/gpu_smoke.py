@@ -101,15 +101,13 @@ def synthetic_reward(tokens: int, max_tokens: int) -> float:
 
 
 def run_smoke(args: argparse.Namespace, work_dir: Path) -> list[StepFigures]:
-    from hpc_executor.config import SchedulerConfig
+    from hpc_executor.config import LocalSchedulerConfig
     from hpc_executor.rl.advantages import advantages
     from hpc_executor.rl.policy import TrainingExample, TrainSettings
     from hpc_executor.rl.vllm_policy import VllmLoraPolicy
-    from hpc_executor.scheduler import make_scheduler
+    from hpc_executor.scheduling import make_scheduler
 
-    scheduler = make_scheduler(
-        OmegaConf.structured(SchedulerConfig(name="local", time_limit_min=60)), work_dir / "jobs"
-    )
+    scheduler = make_scheduler(OmegaConf.structured(LocalSchedulerConfig()), work_dir / "jobs")
     policy_cfg = OmegaConf.create({
         "backend": "vllm", "model": args.model, "serve_during_execution": False,
         "update_gpus": 1, "update_cpus": 4, "update_mem_gb": 32, "update_time_limit_min": 30,

@@ -43,7 +43,7 @@ from hpc_executor.llm.credentials import TINKER_KEY_ENV
 from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExample, TrainSettings
 from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
-from hpc_executor.scheduler import Scheduler
+from hpc_executor.scheduling import Scheduler
 from hpc_executor.worker import write_atomic
 
 

@@ -50,7 +50,7 @@ from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExampl
 from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.worker import write_atomic
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from hpc_executor.crashpoints import crash_point
 from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExample, TrainSettings
-from hpc_executor.scheduler import Scheduler
+from hpc_executor.scheduling import Scheduler
 
 LOGITS_FILE = "logits.json"
 
