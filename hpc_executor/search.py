@@ -623,9 +623,11 @@ class Search:
         if trial.state == "queued" and state is not JobState.PENDING and started.exists():
             where = json.loads(started.read_text())
             new_state = "running"
-            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices")}
+            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices"),
+                      "started_at": where.get("started_at")}  # fmt: skip
         elif trial.state == "running" and state is JobState.PENDING:
             new_state = "queued"  # requeued or preempted: Slurm runs it again
+            fields = {"started_at": None}  # its next start is read from its next started file
             started.unlink(missing_ok=True)
         if state.value != trial.job_state:
             fields["job_state"] = state.value
