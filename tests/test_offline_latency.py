@@ -81,4 +81,6 @@ def test_the_latency_is_a_config_key_of_the_offline_model() -> None:
     cfg = composed("+env=tiny", "+model=offline", "model.ideator.latency_s=3")
     llm = make_llm(spec_from_config(cfg.model.ideator))
     assert isinstance(llm, OfflineLLM) and llm.spec.latency_s == 3.0
-    assert make_llm(spec_from_config(composed("+env=tiny", "+model=offline").model.ideator)).spec.latency_s == 0
+    assert (
+        make_llm(spec_from_config(composed("+env=tiny", "+model=offline").model.ideator)).spec.latency_s == 0
+    )

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from test_worker import result_of
 
 from hpc_executor.config import register_configs
 from hpc_executor.environment import REPO_ROOT, Environment
@@ -20,7 +21,6 @@ from hpc_executor.llm.offline import OfflineLLM
 from hpc_executor.search import CONF_DIR
 from hpc_executor.types import Idea, Status
 from hpc_executor.worker import DIFF_FILE, TrialSpec, run_trial
-from test_worker import result_of
 
 BENCH_CONF = REPO_ROOT / "bench" / "conf"
 spec = importlib.util.spec_from_file_location("mix", REPO_ROOT / "bench/envs/steady_mix/baseline/mix.py")
@@ -88,7 +88,7 @@ def test_every_idea_of_its_catalog_applies_alone_and_combined() -> None:
     catalog = yaml.safe_load(env.catalog_path().read_text())
     llm = OfflineLLM(LLMSpec(provider="offline", model="scripted-stand-in"))
     recipes = [f"{e['id']} v=0.7" for e in catalog] + [
-        f"{a['id']} | {b['id']}" for a, b in zip(catalog, catalog[1:])
+        f"{a['id']} | {b['id']}" for a, b in itertools.pairwise(catalog)
     ]
     for recipe in recipes:
         patch, calls = Implementer(llm, env, 1, 0, 0).implement(Idea("e0-000", 0, "t", f"(recipe: {recipe})"))
