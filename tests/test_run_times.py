@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import search_cmd
+from test_slurm import RUN, running_job, slurm, start_driver, trial_row, wait_for
 from test_worker import make_trial, result_of
 
 from hpc_executor import ledger as ledger_module
@@ -129,3 +130,33 @@ def test_a_running_trial_has_its_start_and_no_end_in_the_live_ledger(tmp_path: P
     trial = ledger_module.load(run_dir)["trials"].iloc[0]
     result = ledger_module.load(run_dir)["results"].iloc[0]
     assert trial.started_at == started and trial.ended_at == result.provenance["ended_at"]
+
+
+@slurm
+def test_a_requeued_trial_loses_its_start_until_it_runs_again(tmp_path: Path) -> None:
+    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=8", "env.hard_limit_s=60")
+    job = running_job(tmp_path)
+    first = trial_row(tmp_path / RUN)
+    assert first is not None and first["started_at"] is not None and first["ended_at"] is None
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for(lambda: (trial_row(tmp_path / RUN) or {}).get("state") == "queued", what="the requeue seen")
+    assert trial_row(tmp_path / RUN)["started_at"] is None, "queued again: not running, not busy"  # type: ignore[index]
+    assert driver.wait(timeout=240) == 0
+    last = trial_row(tmp_path / RUN)
+    assert (
+        last is not None
+        and last["started_at"] > first["started_at"]
+        and last["ended_at"] > last["started_at"]
+    )
+
+
+@slurm
+def test_a_trial_the_driver_settles_ends_when_it_was_settled(tmp_path: Path) -> None:
+    driver = start_driver(tmp_path, "+env.extra_env.QUICK_SLEEP_S=300")
+    job = running_job(tmp_path)
+    started = trial_row(tmp_path / RUN)["started_at"]  # type: ignore[index]
+    cancelled_at = time.time()
+    subprocess.run(["scancel", job], check=True)
+    assert driver.wait(timeout=180) == 0
+    row = trial_row(tmp_path / RUN)
+    assert row is not None and row["started_at"] == started < cancelled_at < row["ended_at"] <= time.time()
