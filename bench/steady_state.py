@@ -32,11 +32,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
 BENCH_CONF = REPO / "bench" / "conf"
 
 from hpc_executor.config import register_configs  # noqa: E402
 from hpc_executor.ledger import load  # noqa: E402
-from hpc_executor.search import CONF_DIR  # noqa: E402
 from hpc_executor.utilisation import Utilisation, from_intervals, utilisation  # noqa: E402
 
 MODES = ("barrier", "steady")

@@ -18,11 +18,10 @@ from hpc_executor.environment import REPO_ROOT, Environment
 from hpc_executor.implementer import Implementer
 from hpc_executor.llm import LLMSpec
 from hpc_executor.llm.offline import OfflineLLM
-from hpc_executor.search import CONF_DIR
 from hpc_executor.types import Idea, Status
 from hpc_executor.worker import DIFF_FILE, TrialSpec, run_trial
 
-BENCH_CONF = REPO_ROOT / "bench" / "conf"
+CONF_DIR, BENCH_CONF = REPO_ROOT / "conf", REPO_ROOT / "bench" / "conf"
 spec = importlib.util.spec_from_file_location("mix", REPO_ROOT / "bench/envs/steady_mix/baseline/mix.py")
 assert spec is not None and spec.loader is not None
 mix = importlib.util.module_from_spec(spec)
