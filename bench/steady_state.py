@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ BENCH_CONF = REPO / "bench" / "conf"
 
 from hpc_executor.config import register_configs  # noqa: E402
 from hpc_executor.ledger import load  # noqa: E402
-from hpc_executor.utilisation import Utilisation, from_intervals, utilisation  # noqa: E402
+from hpc_executor.utilisation import Utilisation, from_intervals, trial_intervals, utilisation  # noqa: E402
 
 MODES = ("barrier", "steady")
 IDLE_TARGET = 0.03  # steady: at most this share of slot-time idle after the first trial starts
@@ -54,6 +55,19 @@ class Measured:
     llm_calls: int
     allocated: Utilisation | None  # the same over Slurm's job start/end (sacct): start-up counts as busy
     startup_s: float | None  # mean time from Slurm's job start to the worker's started file
+    drain: Utilisation  # from the last trial's start to the end: slots fall idle as the last trials end
+
+    @property
+    def idle_share_before_drain(self) -> float:
+        before = self.usage.capacity_slot_s - self.drain.capacity_slot_s
+        return (self.usage.idle_slot_s - self.drain.idle_slot_s) / before if before else math.nan
+
+
+def drain_of(spans: list[tuple[float, float | None]], slots: int) -> Utilisation:
+    """The run's drain: from the last trial's start to the last end, when no trial is left to
+    start in any mode; its idle time shrinks against the whole as a run has more ideas."""
+    last = max(start for start, _ in spans)
+    return from_intervals([(max(s, last), e) for s, e in spans if e is None or e > last], slots)
 
 
 def slurm_spans(job_ids: list[str], wait_s: float = 60.0) -> dict[str, tuple[float, float]]:
@@ -118,6 +132,7 @@ def run_mode(args: argparse.Namespace, mode: str, root: Path, has_schedule: bool
         raise SystemExit(f"the {mode} run has trials that neither finished nor crashed as the mix says: "
                          f"{sorted(set(trials.status))}; see {run_dir}")  # fmt: skip
     usage = utilisation(run_dir, slots=args.slots)
+    intervals = trial_intervals(frames["trials"])
     spans = slurm_spans(list(trials.job_id))
     startup = [
         started - spans[job][0]
@@ -132,6 +147,7 @@ def run_mode(args: argparse.Namespace, mode: str, root: Path, has_schedule: bool
         mean_trial_s=float((trials.ended_at - trials.started_at).mean()),
         llm_calls=len(frames["llm_calls"]),
         allocated=from_intervals(spans.values(), usage.slots) if spans else None,
+        drain=drain_of(intervals, usage.slots),
         startup_s=sum(startup) / len(startup) if startup else None,
     )
 
@@ -161,6 +177,8 @@ def print_table(results: list[Measured], args: argparse.Namespace) -> None:
     row("  the same over Slurm's job times", [_share(by_mode[m].allocated) for m in modes])
     row("  worker start-up, mean (s)", [_seconds(by_mode[m].startup_s) for m in modes])
     row("idle slot-seconds", [f"{by_mode[m].usage.idle_slot_s:.0f}" for m in modes])
+    row("  of them in the final drain", [f"{by_mode[m].drain.idle_slot_s:.0f}" for m in modes])
+    row("  idle share before the drain", [f"{by_mode[m].idle_share_before_drain:.1%}" for m in modes])
     idle = [f"{by_mode[m].usage.idle_share:.1%}" for m in modes]
     if "steady" in by_mode:
         steady_idle = by_mode["steady"].usage.idle_share
