@@ -14,7 +14,9 @@ against the targets: steady <= 3% idle slot-time; >= 1.3x the barrier's trials p
 ``--smoke``: 4 ideas in one epoch, a 2 s budget (about a minute for both modes); it fails unless
 every idea ran and has its times. A driver without ``strategy.schedule`` (before the steady loop)
 runs barrier only. Worker start-up (Slurm's job start to the worker's started file) counts as idle
-in the busy share; the row over Slurm's own job times counts it as busy.
+in the busy share; the row over Slurm's own job times counts it as busy. The final drain (from the
+last trial's start, when nothing is left to start in either mode) is shown apart: its share of the
+idle time falls as a run has more ideas.
 """
 
 from __future__ import annotations
