@@ -4,6 +4,7 @@ from hpc_executor import analysis
 df = analysis.outcomes(["multirun/2026-11-27/10-00-00/0-tiny-offline-evolution-seed0", ...])
 analysis.by_epoch(df)        # ideas, execution rate, best and mean reward per run and epoch
 analysis.rl_steps("outputs/tiny-rl-seed0")  # strategy=rl: what the paper measured, per step
+analysis.slot_utilisation("multirun/2026-11-27/10-00-00")  # GPU-slot busy share, trials per hour
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pandas as pd
 
 from hpc_executor.ledger import LEDGER_FILE, Ledger, load
 from hpc_executor.rl import metrics
+from hpc_executor.utilisation import utilisation
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -83,3 +85,19 @@ def rl_steps(run: str | Path | pd.DataFrame) -> pd.DataFrame:
     finally:
         ledger.close()
     return metrics.step_metrics(samples)
+
+
+UTILISATION_COLUMNS = ("slots", "trials_started", "trials_completed", "running", "wall_s", "busy_slot_s",
+                       "idle_slot_s", "busy_share", "completed_per_hour")  # fmt: skip
+
+
+def slot_utilisation(runs: str | Path | Iterable[str | Path], slots: int | None = None) -> pd.DataFrame:
+    """Per run: its slots, trials started, completed and still running, the window from the first
+    trial's start (``wall_s``), busy and idle slot-seconds, the busy share and trials completed per
+    hour (see ``hpc_executor.utilisation``; ``slots``: default from each run's config)."""
+    paths = run_dirs(runs) if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    rows = []
+    for run in paths:
+        u = utilisation(run, slots)
+        rows.append({"run": run.name} | {column: getattr(u, column) for column in UTILISATION_COLUMNS})
+    return pd.DataFrame(rows, columns=["run", *UTILISATION_COLUMNS])

@@ -33,6 +33,8 @@ LOWER_BOUNDS: dict[str, int] = {
     "model.implementer.max_tokens": 1,
     "model.ideator.max_retries": 0,
     "model.implementer.max_retries": 0,
+    "model.ideator.latency_s": 0,
+    "model.implementer.latency_s": 0,
     "strategy.epochs": 1,
     "strategy.batch_size": 1,
     "strategy.call_size": 1,

@@ -46,6 +46,7 @@ TABLES = (
     "novelty_rejections",
     "rl_steps",
     "rl_samples",
+    "meta",  # key -> value: the run's recorded config (YAML) and identity
 )
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -85,13 +86,17 @@ _ADDED_COLUMNS = [
     ("llm_calls", "cache_saved_usd", "REAL"),
     ("trials", "purpose", "TEXT"),  # NULL: the idea's search trial; baseline_repeat, confirm: extra seeds
     ("trials", "seed", "INTEGER"),  # the seed of an extra trial (search trials run the run's seed)
+    # wall-clock epoch seconds the trial started and ended running (NULL until known), for utilisation:
+    # the start from the worker's started file, the end from its result (or when the driver settled it)
+    ("trials", "started_at", "REAL"),
+    ("trials", "ended_at", "REAL"),
 ]
 
 
 # one row per idea with its search trial (extra seeds aside), its result, usage and confirmation
 _OUTCOMES_SQL = """
             SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
-                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
+                   t.state, t.started_at, t.ended_at, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
                    c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
                    c.runs_ok AS confirmed_ok, c.confirmed
             FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
@@ -120,15 +125,31 @@ class Ledger:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA
                               + rl_records.SCHEMA)  # fmt: skip
-        self._add_missing_columns()
+        added = self._add_missing_columns()
         self._add_missing_usage()
+        if ("trials", "ended_at") in added:
+            self._fill_run_times()
 
-    def _add_missing_columns(self) -> None:
-        """Ledgers written before a column existed get it (empty), so old runs resume and load."""
+    def _add_missing_columns(self) -> set[tuple[str, str]]:
+        """Ledgers written before a column existed get it (empty), so old runs resume and load.
+        Returns the (table, column) pairs added."""
+        added = set()
         for table, column, kind in _ADDED_COLUMNS:
             have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                added.add((table, column))
+        return added
+
+    def _fill_run_times(self) -> None:
+        """Finished trials of a ledger from before ``trials.started_at``/``ended_at`` get them from
+        their usage row (the worker's start plus its runtime; a result it never ran: when it was ingested)."""
+        self.db.execute(
+            "UPDATE trials SET started_at = (SELECT u.started_at FROM trial_usage u WHERE u.trial_id = trials.trial_id),"
+            " ended_at = (SELECT coalesce(u.ended_at, r.ingested_at) FROM results r"
+            " LEFT JOIN trial_usage u USING (trial_id) WHERE r.trial_id = trials.trial_id)"
+            " WHERE trial_id IN (SELECT trial_id FROM results)"
+        )
 
     def _add_missing_usage(self) -> None:
         """Results recorded before trial_usage existed get their row, from their provenance."""
@@ -274,6 +295,11 @@ class Ledger:
                 "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
                 [(now, row[0]) for row in rows],
             )
+            db.executemany(  # the first result recorded sets them, as it is the one kept
+                "UPDATE trials SET started_at = coalesce(?, started_at), ended_at = ? WHERE trial_id = ?"
+                " AND ended_at IS NULL",
+                [(*run_times(r, now), r.trial_id) for r in results],
+            )
             ran = [
                 (job, array_index(job), r.trial_id) for r in results if (job := r.provenance.get("job_id"))
             ]
@@ -300,7 +326,7 @@ class Ledger:
             db.executemany("DELETE FROM results WHERE trial_id = ?", [(tid,) for tid in trial_ids])
             db.executemany(
                 "UPDATE trials SET state = 'pending', job_id = NULL, array_index = NULL, job_state = NULL,"
-                " note = ?, updated_at = ? WHERE trial_id = ?",
+                " started_at = NULL, ended_at = NULL, note = ?, updated_at = ? WHERE trial_id = ?",
                 [(note, now, tid) for tid in trial_ids],
             )
 
@@ -443,6 +469,17 @@ class Ledger:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
+
+
+def run_times(result: Result, settled_at: float) -> tuple[float | None, float]:
+    """When the trial of this result started and ended running (wall-clock): the worker's own
+    clock where it ran (an older worker recorded no end: its start plus its runtime), else
+    ``settled_at``, when the driver wrote the result itself (a job that died, a cancel)."""
+    started = result.provenance.get("started_at")
+    ended = result.provenance.get("ended_at")
+    if ended is None and started is not None:
+        ended = float(started) + float(result.runtime_s or 0.0)
+    return (None if started is None else float(started)), (settled_at if ended is None else float(ended))
 
 
 def _frames(db: sqlite3.Connection) -> dict[str, pd.DataFrame]:

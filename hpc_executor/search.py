@@ -47,7 +47,7 @@ from hpc_executor.model_server import ModelServer
 from hpc_executor.progress import Progress
 from hpc_executor.rl import settings as rl_settings
 from hpc_executor.sandbox import SandboxUnavailable, drop_secrets_from_environ, resolve_sandbox, tail
-from hpc_executor.scheduling import JobState, SchedulerQueryError, Shape, make_scheduler
+from hpc_executor.scheduling import JobState, SchedulerQueryError, Shape, make_scheduler, recorded_config
 from hpc_executor.storage import check_writable, mentions_full_disk, storage_message, storage_problem
 from hpc_executor.strategies import Slot, make_strategy
 from hpc_executor.types import Idea, Patch, Result, Status, Trial, array_index
@@ -629,9 +629,11 @@ class Search:
         if trial.state == "queued" and state is not JobState.PENDING and started.exists():
             where = json.loads(started.read_text())
             new_state = "running"
-            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices")}
+            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices"),
+                      "started_at": where.get("started_at")}  # fmt: skip
         elif trial.state == "running" and state is JobState.PENDING:
             new_state = "queued"  # requeued or preempted: Slurm runs it again
+            fields = {"started_at": None}  # its next start is read from its next started file
             started.unlink(missing_ok=True)
         if state.value != trial.job_state:
             fields["job_state"] = state.value
@@ -746,6 +748,7 @@ def search_for_run(run_dir: Path, overrides: dict[str, Any]) -> Search:
     if recorded is None:
         raise PreflightError(f"{run_dir} has no recorded config: it never started; run the search first")
     cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), OmegaConf.create(recorded))
+    cfg.scheduler = recorded_config(cfg.scheduler)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     assert isinstance(cfg, DictConfig)

@@ -23,7 +23,15 @@ from test_slurm import make_trials, wait_for
 from hpc_executor.config import LocalSchedulerConfig, SlurmSchedulerConfig, register_configs
 from hpc_executor.config_checks import CONF_DIR, unknown_key_problem
 from hpc_executor.errors import ConfigError
-from hpc_executor.scheduling import JobState, LocalScheduler, Scheduler, Shape, SlurmScheduler, make_scheduler
+from hpc_executor.scheduling import (
+    JobState,
+    LocalScheduler,
+    Scheduler,
+    Shape,
+    SlurmScheduler,
+    make_scheduler,
+    recorded_config,
+)
 from hpc_executor.worker import RESULT_FILE, STARTED_FILE
 
 register_configs()
@@ -196,3 +204,14 @@ def test_dry_run_prints_what_the_scheduler_would_do_and_leaves_nothing(
     assert proc.returncode == 0, proc.stderr
     assert shows in proc.stdout
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_config_recorded_before_backends_had_their_own_schemas_still_makes_a_scheduler(
+    tmp_path: Path,
+) -> None:
+    # such runs recorded every backend's keys; cancel, confirm, rerun and utilisation read them back
+    old = {"name": "local", "max_parallel": 2, "partition": None, "gpus_per_node": 8, "job_name": "hpcx"}
+    with pytest.raises(ConfigError, match="has no key gpus_per_node, job_name, partition"):
+        make_scheduler(OmegaConf.create(old), tmp_path)
+    scheduler = make_scheduler(recorded_config(OmegaConf.create(old)), tmp_path)
+    assert isinstance(scheduler, LocalScheduler) and scheduler.cfg.max_parallel == 2

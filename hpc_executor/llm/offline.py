@@ -8,6 +8,10 @@ weight_tying)``, and the implementer side turns that recipe back into the catalo
 then go through the same patching and revision path as an LLM's answer. Some catalog diffs fail on
 purpose (crash, time out, tamper with the evaluator, miscount hunk headers) so that every failure
 path of the system is exercised.
+
+``latency_s`` makes every call take that long (at most ``max_concurrency`` at once, as at a
+provider's endpoint), so that a benchmark's calls take seconds as a thinking model's do; the
+answers stay the scripted ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import itertools
 import random
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,6 +32,7 @@ import yaml
 
 from hpc_executor.errors import ConfigError, HpcExecutorError
 from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
+from hpc_executor.llm.limits import limiter_for
 from hpc_executor.patching import WorkspacePolicy, apply_diff
 from hpc_executor.worker import copy_baseline
 
@@ -102,21 +109,29 @@ def load_catalog(path: str) -> dict[str, dict[str, Any]]:
 
 
 class OfflineLLM(LLM):
-    def __init__(self, spec: LLMSpec) -> None:
+    def __init__(self, spec: LLMSpec, sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(spec)
+        if spec.latency_s < 0:
+            raise ConfigError(f"latency_s is {spec.latency_s}; give the seconds each call takes, 0 or more")
+        self._limiter = limiter_for(spec)
+        self._sleep = sleep  # injectable so tests own the clock
 
     @property
     def label(self) -> str:
         return LABEL
 
     def complete(self, request: LLMRequest) -> LLMResponse:
+        start = time.monotonic()
         catalog = load_catalog(request.context.get("catalog", ""))
         if request.purpose in ("ideate", "explore", "exploit"):
             text = self._ideas(request, catalog)
         else:
             text = self._diff(request, catalog)
+        if self.spec.latency_s:
+            with self._limiter:
+                self._sleep(self.spec.latency_s)
         return LLMResponse(text=text, model=LABEL, input_tokens=len(request.user_text) // 4,
-                           output_tokens=len(text) // 4)  # fmt: skip
+                           output_tokens=len(text) // 4, latency_s=time.monotonic() - start)  # fmt: skip
 
     # -- ideas ----------------------------------------------------------------------------------
     def _ideas(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:

@@ -133,6 +133,21 @@ def typed_config(cfg: DictConfig, schema: type[SchedulerConfig]) -> DictConfig:
     return merged
 
 
+def recorded_config(cfg: Any) -> DictConfig:
+    """A scheduler config a run recorded, with only its backend's keys: runs recorded before each
+    backend had its own schema hold every backend's keys (at their defaults), which the backend's
+    schema would refuse."""
+    from hpc_executor.config import LocalSchedulerConfig, SlurmSchedulerConfig
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(data, dict)
+    schema = {"local": LocalSchedulerConfig, "slurm": SlurmSchedulerConfig}.get(str(data.get("name")))
+    if schema is None:
+        return OmegaConf.create(data)
+    keys = {f.name for f in dataclasses.fields(schema)}
+    return OmegaConf.create({k: v for k, v in data.items() if k in keys})
+
+
 def make_scheduler(cfg: DictConfig, folder: Path) -> Scheduler:
     """The backend ``cfg.name`` names, configured by ``cfg``. Backends are imported here, when
     asked for, so that this module imports none of them (they import it)."""
