@@ -55,7 +55,9 @@ def test_reinforce_by_hand_weights_every_token_alike() -> None:
     loss.backward()
     # the ratio is not detached: the gradient is the importance-weighted REINFORCE one, -ratio * A / 3
     assert new.grad is not None
-    torch.testing.assert_close(new.grad, torch.tensor([[-1.1 / 3, -1.5 / 3], [0.5 / 3, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(
+        new.grad, torch.tensor([[-1.1 / 3, -1.5 / 3], [0.5 / 3, 0.0]], dtype=torch.float64)
+    )
 
 
 def test_grpo_clip_without_clipping_is_reinforce() -> None:
@@ -68,7 +70,9 @@ def test_grpo_clip_without_clipping_is_reinforce() -> None:
 def test_kl_penalty_k3_by_hand() -> None:
     new, old, adv, mask = batch()
     ref = torch.full_like(old, LN(0.5))
-    loss, stats = policy_loss(new, old, adv, mask, loss="grpo_clip", clip_eps=0.2, ref_logprobs=ref, kl_coef=0.1)
+    loss, stats = policy_loss(
+        new, old, adv, mask, loss="grpo_clip", clip_eps=0.2, ref_logprobs=ref, kl_coef=0.1
+    )
     # k3 = exp(ref - new) - (ref - new) - 1 with ref - new = ln(0.5/0.55), ln(0.5/0.75), ln(0.5/0.25):
     # 10/11 - ln(10/11) - 1, 2/3 - ln(2/3) - 1, 2 - ln 2 - 1
     kl = (10 / 11 - LN(10 / 11) - 1 + 2 / 3 - LN(2 / 3) - 1 + 2 - LN(2) - 1) / 3
