@@ -91,9 +91,9 @@ def test_model_tiny_is_built_under_the_work_dir_from_the_catalog(base: Path, tmp
     policy = TransformersPolicy(cfg, TrainSettings(), tmp_path)
     assert policy.base_model == str(tmp_path / "base")
     assert (tmp_path / "base" / COMPLETE).is_file()
-    with pytest.raises(ConfigError, match="set policy.catalog"):
+    with pytest.raises(ConfigError, match=r"set policy\.catalog"):
         TransformersPolicy(OmegaConf.create({"model": "tiny"}), TrainSettings(), tmp_path / "other")
-    with pytest.raises(ConfigError, match="policy.model is not set"):
+    with pytest.raises(ConfigError, match=r"policy\.model is not set"):
         TransformersPolicy(OmegaConf.create({}), TrainSettings(), tmp_path / "other")
 
 
@@ -176,11 +176,11 @@ def test_a_broken_version_gives_an_error_that_says_what_to_do(base: Path, tmp_pa
     samples = policy.sample(PROMPT, 2, temperature=1.0, max_tokens=MAX_TOKENS, seed=7)
     version = policy.train_step(examples_of(samples, [1.0, -1.0]), step=1, out_dir=tmp_path / "v")
     path = Path(str(version.path))
-    with pytest.raises(AdapterError, match="is missing; delete .* and rerun the update of step 3"):
+    with pytest.raises(AdapterError, match=r"is missing; delete .* and rerun the update of step 3"):
         policy.use(PolicyVersion(3, str(tmp_path / "v" / "step_00003")))
 
     (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(AdapterError, match="cannot be loaded .*; delete .* and rerun the update of step 1"):
+    with pytest.raises(AdapterError, match=r"cannot be loaded .*; delete .* and rerun the update of step 1"):
         make_policy(base, tmp_path / "fresh").use(version)
 
     (path / VERSION_MARKER).unlink()
@@ -191,7 +191,7 @@ def test_a_broken_version_gives_an_error_that_says_what_to_do(base: Path, tmp_pa
     policy.use(PolicyVersion(0, None))
     version = policy.train_step(examples_of(samples, [1.0, -1.0]), step=1, out_dir=tmp_path / "v")  # redone
     (path / OPTIMIZER_FILE).unlink()
-    with pytest.raises(AdapterError, match="optimiser state .* cannot be loaded"):
+    with pytest.raises(AdapterError, match=r"optimiser state .* cannot be loaded"):
         policy.train_step(examples_of(samples, [1.0, -1.0]), step=2, out_dir=tmp_path / "v")
 
 
@@ -201,10 +201,10 @@ def test_bad_examples_files_are_refused(tmp_path: Path, base: Path) -> None:
         json.dumps({"prompt_tokens": [1], "tokens": [5, 6], "logprobs": [-1.0], "advantage": 1.0}) + "\n"
     )
     spec = UpdateSpec(str(base), PolicyVersion(0, None), str(bad), str(tmp_path / "v"), 1, TrainSettings())
-    with pytest.raises(PolicyUpdateError, match="bad.jsonl:1 has 2 tokens, 1 log-probs"):
+    with pytest.raises(PolicyUpdateError, match=r"bad\.jsonl:1 has 2 tokens, 1 log-probs"):
         run_update(spec)
     bad.write_text("{not json\n")
-    with pytest.raises(PolicyUpdateError, match="bad.jsonl:1 is not a TrainingExample"):
+    with pytest.raises(PolicyUpdateError, match=r"bad\.jsonl:1 is not a TrainingExample"):
         run_update(spec)
     bad.write_text("")
     with pytest.raises(PolicyUpdateError, match="is empty"):
