@@ -241,9 +241,11 @@ def test_the_update_runs_as_a_local_scheduler_job(base: Path, tmp_path: Path) ->
     assert total_logprob(policy, samples[0]) > sum(samples[0].logprobs)
 
 
-def toy_rl(base: Path, work_dir: Path, *, seed: int, steps: int, group: int, word: str) -> list[float]:
+def toy_rl(
+    base: Path, work_dir: Path, *, seed: int, steps: int, group: int, word: str, learning_rate: float = 2e-2
+) -> list[float]:
     """Mean reward per step of GRPO on 'reward 1 when the sample says ``word``'."""
-    policy = make_policy(base, work_dir, seed=seed, learning_rate=2e-2)
+    policy = make_policy(base, work_dir, seed=seed, learning_rate=learning_rate)
     means = []
     for step in range(steps + 1):
         samples = policy.sample(
