@@ -147,8 +147,10 @@ def test_rerunning_a_finished_update_returns_it_untouched(base: Path, tmp_path: 
     files = {p: p.stat().st_mtime_ns for p in Path(str(version.path)).iterdir()}
     stale = tmp_path / "v" / ".step_00002-killed"  # a try of the next step killed before its rename
     stale.mkdir()
+    examples_path.rename(tmp_path / "aside.jsonl")  # a finished step needs nothing, not even its inputs
     assert run_update(spec) == version
     assert {p: p.stat().st_mtime_ns for p in Path(str(version.path)).iterdir()} == files
+    (tmp_path / "aside.jsonl").rename(examples_path)
     spec2 = UpdateSpec(str(base), version, str(examples_path), str(tmp_path / "v"), 2, policy.train)
     second = run_update(spec2)
     assert not stale.exists()
