@@ -53,6 +53,17 @@ def examples_of(samples: list[Sample], advs: list[float]) -> list[TrainingExampl
     ]
 
 
+def first_update(policy: TransformersPolicy, tmp_path: Path, *, seed: int) -> tuple[list[Sample], UpdateSpec]:
+    """Three samples, their examples on disk, and the spec of the update to version 1 on them."""
+    samples = policy.sample(PROMPT, 3, temperature=1.0, max_tokens=MAX_TOKENS, seed=seed)
+    examples_path = tmp_path / "examples.jsonl"
+    write_examples(examples_path, examples_of(samples, [1.0, 0.0, -1.0]))
+    spec = UpdateSpec(
+        policy.base_model, PolicyVersion(0, None), str(examples_path), str(tmp_path / "v"), 1, policy.train
+    )
+    return samples, spec
+
+
 def total_logprob(policy: TransformersPolicy, sample: Sample) -> float:
     return sum(policy.token_logprobs(sample.prompt_tokens, sample.tokens))
 
@@ -137,12 +148,8 @@ def test_the_adapter_round_trip(base: Path, tmp_path: Path) -> None:
 
 def test_rerunning_a_finished_update_returns_it_untouched(base: Path, tmp_path: Path) -> None:
     policy = make_policy(base, tmp_path)
-    samples = policy.sample(PROMPT, 3, temperature=1.0, max_tokens=MAX_TOKENS, seed=2)
-    examples_path = tmp_path / "examples.jsonl"
-    write_examples(examples_path, examples_of(samples, [1.0, 0.0, -1.0]))
-    spec = UpdateSpec(
-        str(base), PolicyVersion(0, None), str(examples_path), str(tmp_path / "v"), 1, policy.train
-    )
+    _, spec = first_update(policy, tmp_path, seed=2)
+    examples_path = Path(spec.examples_path)
     version = run_update(spec)
     files = {p: p.stat().st_mtime_ns for p in Path(str(version.path)).iterdir()}
     stale = tmp_path / "v" / ".step_00002-killed"  # a try of the next step killed before its rename
@@ -221,12 +228,7 @@ def test_the_update_runs_as_a_local_scheduler_job(base: Path, tmp_path: Path) ->
     from hpc_executor.scheduler import LocalScheduler, Shape
 
     policy = make_policy(base, tmp_path)
-    samples = policy.sample(PROMPT, 3, temperature=1.0, max_tokens=MAX_TOKENS, seed=8)
-    examples_path = tmp_path / "examples.jsonl"
-    write_examples(examples_path, examples_of(samples, [1.0, 0.0, -1.0]))
-    spec = UpdateSpec(
-        str(base), PolicyVersion(0, None), str(examples_path), str(tmp_path / "v"), 1, policy.train
-    )
+    samples, spec = first_update(policy, tmp_path, seed=8)
     scheduler = LocalScheduler(
         OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "local"}), tmp_path / "jobs"
     )
