@@ -30,6 +30,7 @@ class AdapterError(PolicyUpdateError):
 
 
 def load_base(base_model: str) -> PreTrainedModel:
+    """The base model in float32, on the GPU where there is one (the update job's node)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -38,6 +39,8 @@ def load_base(base_model: str) -> PreTrainedModel:
             "Hugging Face model directory or hub id, or to 'tiny' for the model built in code"
         ) from exc
     model.eval()
+    if torch.cuda.is_available():
+        torch.nn.Module.to(model, "cuda")  # in place (transformers' own ``to`` is typed for dtypes)
     return model
 
 
@@ -89,14 +92,16 @@ def completion_logprobs(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
+    device = next(model.parameters()).device
+    ids, attention = ids.to(device), attention.to(device)
     logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
     token_logprobs = (
         torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     )
     # Completion token j of row i is predicted at position len(prompt_i) - 1 + j.
-    offsets = torch.arange(longest).unsqueeze(0)
-    starts = torch.tensor([len(p) - 1 for p in prompts]).unsqueeze(1)
-    lengths = torch.tensor([len(c) for c in completions]).unsqueeze(1)
+    offsets = torch.arange(longest, device=device).unsqueeze(0)
+    starts = torch.tensor([len(p) - 1 for p in prompts], device=device).unsqueeze(1)
+    lengths = torch.tensor([len(c) for c in completions], device=device).unsqueeze(1)
     mask = offsets < lengths
     positions = (starts + offsets).clamp(max=width - 2)
     picked = token_logprobs.gather(1, positions)

@@ -95,8 +95,8 @@ class TransformersPolicy(Policy):
         with torch_threads(self.threads), torch.random.fork_rng(), torch.no_grad():
             torch.manual_seed(seed)
             out = self.model.generate(  # type: ignore[operator]
-                input_ids=torch.tensor([prompt_ids]),
-                attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long),
+                input_ids=torch.tensor([prompt_ids], device=self.model.device),
+                attention_mask=torch.ones((1, len(prompt_ids)), dtype=torch.long, device=self.model.device),
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,

@@ -182,12 +182,12 @@ def _step(
     new, mask = completion_logprobs(model, prompts, completions, temperature=train.temperature)
     old = torch.zeros_like(new)
     for i, e in enumerate(examples):
-        old[i, : len(e.logprobs)] = torch.tensor(e.logprobs, dtype=old.dtype)
+        old[i, : len(e.logprobs)] = torch.tensor(e.logprobs, dtype=old.dtype, device=old.device)
     ref = None
     if train.kl_coef:
         with torch.no_grad(), model.disable_adapter():
             ref, _ = completion_logprobs(model, prompts, completions, temperature=train.temperature)
-    advantages = torch.tensor([e.advantage for e in examples], dtype=new.dtype)
+    advantages = torch.tensor([e.advantage for e in examples], dtype=new.dtype, device=new.device)
     loss, stats = policy_loss(
         new,
         old,
