@@ -30,6 +30,7 @@ from hpc_executor.patching import WorkspacePolicy, apply_diff
 from hpc_executor.worker import copy_baseline
 
 _RECIPE = re.compile(r"\(recipe: ([^)]*)\)")
+_STEP = re.compile(r"\w+(?: \w+=\S+)*")  # an entry id, then name=value pairs
 LABEL = "offline scripted stand-in (not an LLM)"
 
 
@@ -50,8 +51,14 @@ class Step:
 
 
 def recipe_of(description: str) -> list[Step]:
+    """The recipe at the end of an idea's description; [] when there is none or it is garbled (a
+    sampled idea's ``(recipe: huge_lr lr of)``), which the implementer side reports as not from the
+    catalog."""
     match = _RECIPE.search(description or "")
-    return [Step.parse(part) for part in match.group(1).split("|")] if match else []
+    parts = [" ".join(part.split()) for part in match.group(1).split("|")] if match else []
+    if not parts or not all(_STEP.fullmatch(part) for part in parts):
+        return []
+    return [Step.parse(part) for part in parts]
 
 
 @cache
