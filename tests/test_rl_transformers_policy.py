@@ -180,6 +180,18 @@ def test_a_step_where_every_reward_was_equal_changes_nothing(base: Path, tmp_pat
     assert all(math.isfinite(v) for v in stats.values())
 
 
+def test_the_kl_penalty_is_measured_against_the_base(base: Path, tmp_path: Path) -> None:
+    policy = make_policy(base, tmp_path, kl_coef=0.5)
+    samples = policy.sample(PROMPT, 4, temperature=1.0, max_tokens=MAX_TOKENS, seed=9)
+    first = policy.train_step(examples_of(samples, [1.0, -1.0, 0.5, -0.5]), step=1, out_dir=tmp_path / "v")
+    assert read_stats(first)["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # a fresh adapter is the base
+    # with a KL term even equal rewards teach something: the pull back towards the base
+    second = policy.train_step(examples_of(samples, [0.0] * 4), step=2, out_dir=tmp_path / "v")
+    stats = read_stats(second)
+    assert stats["kl_ref"] > 0 and stats["skipped"] == 0.0
+    assert stats["loss"] == pytest.approx(stats["pg_loss"] + 0.5 * stats["kl_ref"])
+
+
 def test_a_broken_version_gives_an_error_that_says_what_to_do(base: Path, tmp_path: Path) -> None:
     policy = make_policy(base, tmp_path)
     samples = policy.sample(PROMPT, 2, temperature=1.0, max_tokens=MAX_TOKENS, seed=7)
