@@ -77,8 +77,10 @@ def test_the_build_is_deterministic_and_loads_as_a_hugging_face_model(base: Path
     )
     # a finished build is reused, not redone
     stamp = (again / "model.safetensors").stat().st_mtime_ns
-    assert build_tiny_model(again, ["other texts"], seed=1) == again
+    assert build_tiny_model(again, catalog_texts(CATALOG), seed=0, prompt=PROMPT) == again
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="built from other texts, prompt or seed"):
+        build_tiny_model(again, catalog_texts(CATALOG), seed=1, prompt=PROMPT)
     with pytest.raises(ConfigError, match="needs some texts"):
         build_tiny_model(tmp_path / "empty", [" "], seed=0)
 

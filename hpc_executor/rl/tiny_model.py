@@ -11,6 +11,7 @@ seeded: the same texts and seed give the same files, byte for byte.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,12 +46,24 @@ def build_tiny_model(out_dir: Path, texts: list[str], seed: int, *, prompt: str 
     """A Hugging Face model directory at ``out_dir`` (config, weights, tokenizer), loadable with
     ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``, warm-started on ``texts``: each is
     one completion of ``prompt`` (bos + prompt + text + eos, prompt and text tokenised apart, as the
-    policy tokenises a prompt and samples after it). A finished build at ``out_dir`` is reused; the build is written to a temporary directory and
-    renamed, so a killed build leaves nothing half-made."""
+    policy tokenises a prompt and samples after it). A finished build of the same texts, prompt and
+    seed at ``out_dir`` is reused (a resumed run's adapters were trained on it), one of others is
+    refused; the build is written to a temporary directory and renamed, so a killed build leaves
+    nothing half-made."""
     out_dir = Path(out_dir)
-    if (out_dir / COMPLETE).is_file():
-        return out_dir
     texts = [t for t in texts if t.strip()]
+    recipe = {
+        "seed": seed,
+        "prompt": prompt,
+        "texts_sha256": hashlib.sha256(json.dumps(texts).encode()).hexdigest(),
+    }
+    if (out_dir / COMPLETE).is_file():
+        if json.loads((out_dir / COMPLETE).read_text()) != recipe:
+            raise ConfigError(
+                f"the tiny model at {out_dir} was built from other texts, prompt or seed, and the run's "
+                "policy versions were trained on it: use a new run directory, or delete it to rebuild"
+            )
+        return out_dir
     if not texts:
         raise ConfigError(
             "the tiny model needs some texts to warm up on (the environment's idea catalog, say)"
@@ -66,7 +79,7 @@ def build_tiny_model(out_dir: Path, texts: list[str], seed: int, *, prompt: str 
             _warm_up(model, tokenizer, prompt, texts)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / COMPLETE).write_text(json.dumps({"seed": seed, "texts": len(texts), "prompt": prompt}) + "\n")
+        (tmp / COMPLETE).write_text(json.dumps(recipe) + "\n")
         if out_dir.exists():  # an unfinished earlier build (no marker)
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
