@@ -260,7 +260,7 @@ def test_the_update_runs_as_a_local_scheduler_job(base: Path, tmp_path: Path) ->
 
 
 def toy_rl(
-    base: Path, work_dir: Path, *, seed: int, steps: int, group: int, word: str, learning_rate: float = 2e-2
+    base: Path, work_dir: Path, *, seed: int, steps: int, group: int, word: str, learning_rate: float
 ) -> list[float]:
     """Mean reward per step of GRPO on 'reward 1 when the sample says ``word``'."""
     policy = make_policy(base, work_dir, seed=seed, learning_rate=learning_rate)
@@ -278,5 +278,6 @@ def toy_rl(
 
 
 def test_a_few_rl_steps_on_a_toy_reward_raise_the_mean(base: Path, tmp_path: Path) -> None:
-    means = toy_rl(base, tmp_path, seed=0, steps=3, group=16, word="learning rate")
-    assert means[-1] > means[0], means
+    # seeds 0, 1, 2 went 0.25 -> 0.47, 0.06 -> 0.66, 0.19 -> 0.56 over these 6 steps
+    means = toy_rl(base, tmp_path, seed=0, steps=6, group=32, word="learning rate", learning_rate=1e-2)
+    assert sum(means[-2:]) > sum(means[:2]) + 0.2, means

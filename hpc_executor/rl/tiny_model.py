@@ -33,9 +33,9 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 VOCAB_SIZE = 1600
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 MAX_POSITIONS = 2048
-# Enough for the catalog's ideas to come back nearly verbatim (loss ~0.1 nats/token) with some
-# recombination; a few seconds on one idle core.
-WARMUP_STEPS = 90
+# Enough for about 70% of samples to be catalog ideas with a valid recipe, some recombined;
+# a few seconds on one idle core.
+WARMUP_STEPS = 120
 WARMUP_LR = 2e-2  # decayed linearly to 0
 WARMUP_BATCH = 32  # texts per warm-up step (all of them when there are fewer)
 DESCRIPTION_WORDS = 16  # a catalog description's first sentence, at most this many words
