@@ -29,7 +29,11 @@ def ideate(llm: OfflineLLM) -> list[tuple[str, str]]:
 
 def implement_request() -> LLMRequest:
     catalog = str(Environment(quick_env_config()).catalog_path())
-    return LLMRequest("p", "implement", context={"catalog": catalog, "idea": {"title": "Untitled", "description": "no recipe"}})
+    return LLMRequest(
+        "p",
+        "implement",
+        context={"catalog": catalog, "idea": {"title": "Untitled", "description": "no recipe"}},
+    )
 
 
 def test_each_call_sleeps_its_latency_and_answers_as_before() -> None:

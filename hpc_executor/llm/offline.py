@@ -142,7 +142,7 @@ class OfflineLLM(LLM):
             recipes = self._exploit(shown, catalog, rng, ctx["n"])
         else:
             recipes = self._fresh(shown, catalog, rng, ctx["n"])
-        return "\n\n".join(self._idea_text(r, catalog) for r in recipes)
+        return "\n\n".join(self.idea_text(r, catalog) for r in recipes)
 
     def _fresh(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
                rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
@@ -206,7 +206,9 @@ class OfflineLLM(LLM):
         return tuple((k, str(v[0])) for k, v in (entry.get("params") or {}).items())
 
     @staticmethod
-    def _idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
+    def idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
+        """One idea in the prompt's format, its recipe at the end of the description (what the
+        implementer side reads back); the tiny RL policy warms up on these too."""
         titles = []
         for step in recipe:
             title = catalog[step.entry_id]["title"]

@@ -44,6 +44,9 @@ class TrainSettings:
     kl_coef: float = 0.0  # a KL penalty towards the base model (0: none, as in the paper)
     lora_rank: int = 32
     seed: int = 0
+    # The sampling temperature: recorded log-probs are the tempered sampler's, so the update computes
+    # the trained policy's log-probs at the same temperature, or the importance ratios are off.
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
