@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import QUICK_DIR, TEST_CONF, quick_env_config
+from conftest import QUICK_DIR, TEST_CONF, quick_env_config, run_search
 from fakes.policy import CRASH, HIGHER_LR, LOGITS_FILE, NO_IDEA, TEXTS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -351,3 +351,21 @@ def test_a_tinker_policy_without_its_key_is_a_preflight_error(monkeypatch: pytes
         PreflightError, match=r"TINKER_API_KEY is not set \(needed by the RL policy tinker:Qwen"
     ):
         preflight(cfg, Environment(cfg.env))
+
+
+def test_the_readme_command_runs_the_tiny_policy_and_prints_the_step_table(tmp_path: Path) -> None:
+    """README's CPU preset, shorter: the tiny causal LM the code builds is sampled, rewarded by real
+    trials of the quick environment, and updated with peft on the CPU."""
+    pytest.importorskip("peft")
+    done = run_search("+env=quick", "+model=tiny_policy", "strategy=rl",
+                      "strategy.steps=2", "strategy.group_size=4", "strategy.learning_rate=1e-2",
+                      "report.enabled=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RL steps" in done.stdout and "distinct" in done.stdout
+    steps = table(tmp_path / "run", "SELECT step, state, version_step FROM rl_steps ORDER BY step")
+    assert list(steps.state) == ["updated", "updated"]
+    samples = table(tmp_path / "run", "SELECT step, policy_step, tokens, logprobs FROM rl_samples")
+    assert len(samples) == 8 and samples.tokens.map(len).min() > 0
+    # seed 0's first group earns unequal rewards, so its update runs and step 1 samples from it
+    assert steps.version_step[0] == 1 and (tmp_path / "run" / "policy" / "v0001" / "version.json").exists()
+    assert (samples[samples.step == 1].policy_step == 1).all()
