@@ -3,6 +3,8 @@
 from hpc_executor import analysis
 df = analysis.outcomes(["multirun/2026-11-27/10-00-00/0-tiny-offline-evolution-seed0", ...])
 analysis.by_epoch(df)        # ideas, execution rate, best and mean reward per run and epoch
+analysis.rl_steps("outputs/tiny-rl-seed0")  # strategy=rl: what the paper measured, per step
+analysis.slot_utilisation("multirun/2026-11-27/10-00-00")  # GPU-slot busy share, trials per hour
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpc_executor.ledger import LEDGER_FILE, load
+from hpc_executor.ledger import LEDGER_FILE, Ledger, load
+from hpc_executor.rl import metrics
+from hpc_executor.utilisation import utilisation
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -67,3 +71,35 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
     """How ideas ended, per run: ok, implement_failed, patch_rejected, crashed, timeout, ..."""
     return df[df.kind != "baseline"].pivot_table(index="run", columns="status", values="idea_id", aggfunc="count",
                                                    fill_value=0)  # fmt: skip
+
+
+def rl_steps(run: str | Path | pd.DataFrame) -> pd.DataFrame:
+    """Per step of an RL run (strategy=rl): mean and max reward, execution rate, distinct ideas (exact
+    and near-duplicate), Jaccard similarity to the previous step, mean thinking length and thinking
+    length vs execution (``hpc_executor.rl.metrics``). ``run`` is a run directory (read live, as
+    ``ledger.load(run, live=True)`` reads it: on the driver's host), or its samples frame
+    (``Ledger.rl_samples_frame()``) itself."""
+    if isinstance(run, pd.DataFrame):
+        return metrics.step_metrics(run)
+    ledger = Ledger(run)
+    try:
+        samples = ledger.rl_samples_frame()
+    finally:
+        ledger.close()
+    return metrics.step_metrics(samples)
+
+
+UTILISATION_COLUMNS = ("slots", "trials_started", "trials_completed", "running", "wall_s", "busy_slot_s",
+                       "idle_slot_s", "busy_share", "completed_per_hour")  # fmt: skip
+
+
+def slot_utilisation(runs: str | Path | Iterable[str | Path], slots: int | None = None) -> pd.DataFrame:
+    """Per run: its slots, trials started, completed and still running, the window from the first
+    trial's start (``wall_s``), busy and idle slot-seconds, the busy share and trials completed per
+    hour (see ``hpc_executor.utilisation``; ``slots``: default from each run's config)."""
+    paths = run_dirs(runs) if isinstance(runs, (str, Path)) else [Path(r) for r in runs]
+    rows = []
+    for run in paths:
+        u = utilisation(run, slots)
+        rows.append({"run": run.name} | {column: getattr(u, column) for column in UTILISATION_COLUMNS})
+    return pd.DataFrame(rows, columns=["run", *UTILISATION_COLUMNS])

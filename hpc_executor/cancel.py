@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from hpc_executor.errors import LedgerError
 from hpc_executor.ledger import Ledger
-from hpc_executor.scheduler import make_scheduler
+from hpc_executor.scheduling import make_scheduler, recorded_config
 from hpc_executor.types import Result, Status
 
 CANCELLED_META = "cancelled"
@@ -27,7 +27,7 @@ def cancel_run(run_dir: Path, reason: str = "cancelled with hpc_executor.cancel"
         config = ledger.get_meta("config")
         if config is None:
             raise LedgerError(f"{run_dir} records no configuration; was it made by hpc_executor.search?")
-        scheduler = make_scheduler(OmegaConf.create(config).scheduler, run_dir / "submitit")
+        scheduler = make_scheduler(recorded_config(OmegaConf.create(config).scheduler), run_dir / "submitit")
         open_trials = ledger.open_trials()
         scheduler.cancel(sorted({t.job_id for t in open_trials if t.job_id}))
         ledger.set_meta(CANCELLED_META, reason)

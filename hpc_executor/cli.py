@@ -25,14 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from hpc_executor.budget import usd
 from hpc_executor.cancel import cancel_run
 from hpc_executor.config import register_configs
-from hpc_executor.config_checks import bound_problems, command_line_problems, run_name_problem
-from hpc_executor.environment import REPO_ROOT, Environment
+from hpc_executor.config_checks import CONF_DIR, bound_problems, command_line_problems, run_name_problem
+from hpc_executor.environment import Environment
 from hpc_executor.errors import HpcExecutorError, LedgerError, PreflightError
 from hpc_executor.ledger import Ledger
 from hpc_executor.llm import spec_from_config
-from hpc_executor.llm.credentials import required_env_vars
+from hpc_executor.llm.credentials import policy_env_vars, required_env_vars
+from hpc_executor.rl import settings as rl_settings
 from hpc_executor.sandbox import SandboxUnavailable, resolve_sandbox
-from hpc_executor.scheduler import Shape, make_scheduler
+from hpc_executor.scheduling import Shape, make_scheduler
 from hpc_executor.servers import ROLES
 from hpc_executor.storage import check_writable, storage_message, storage_problem
 
@@ -40,8 +41,6 @@ if TYPE_CHECKING:
     from hpc_executor.search import Search
 
 log = logging.getLogger("hpc_executor.search")
-
-CONF_DIR = REPO_ROOT / "conf"
 
 
 def trial_shape(cfg: DictConfig) -> Shape:
@@ -53,11 +52,7 @@ def trial_shape(cfg: DictConfig) -> Shape:
 def dry_run(cfg: DictConfig, run_dir: Path) -> str:
     """What an epoch of this run would submit, without submitting (or calling any model)."""
     scheduler = make_scheduler(cfg.scheduler, run_dir / "submitit")
-    shape = trial_shape(cfg)
-    if not hasattr(scheduler, "dry_run"):
-        return (f"scheduler={cfg.scheduler.name} runs each trial as a local process, "
-                f"{scheduler.capacity(shape)} at a time; there is no sbatch script to show.")  # fmt: skip
-    return scheduler.dry_run(shape, cfg.strategy.batch_size)
+    return scheduler.dry_run(trial_shape(cfg), cfg.strategy.batch_size)
 
 
 def preflight(cfg: DictConfig, env: Environment) -> None:
@@ -70,6 +65,11 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         spec = spec_from_config(cfg.model[role])
         for var in required_env_vars(spec):
             needed.setdefault(var, []).append(f"{role} {spec.provider}:{spec.model}")
+    if cfg.strategy.name == "rl":
+        for var in policy_env_vars(cfg.model.get("policy")):
+            needed.setdefault(var, []).append(
+                f"RL policy {cfg.model.policy.get('backend')}:{cfg.model.policy.get('model')}"
+            )
     for var, users in needed.items():
         if not os.environ.get(var):
             problems.append(f"{var} is not set (needed by the {' and the '.join(users)}); export it, "
@@ -86,6 +86,8 @@ def preflight(cfg: DictConfig, env: Environment) -> None:
         resolve_sandbox(cfg.sandbox, cfg.isolate_pids)
     except SandboxUnavailable as exc:
         problems.append(str(exc))
+    if cfg.strategy.name == "rl":
+        problems += rl_settings.problems(cfg)
     if problems:
         raise PreflightError("cannot start:\n  - " + "\n  - ".join(problems))
 

@@ -111,11 +111,14 @@ class ModelConfig:
     implementer: LLMConfig = field(default_factory=LLMConfig)
     samples: int = 10  # diffs sampled in parallel per idea (paper: 10)
     revisions: int = 2  # revisions per sample with the error fed back (paper: 2)
+    # strategy=rl's policy: {backend: transformers | vllm | tinker | <module>:<Class>, model: <path, hub
+    # id or "tiny">, plus the keys the backend documents}; empty for the other strategies
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class StrategyConfig:
-    name: str = MISSING  # evolution | best_of_n
+    name: str = MISSING  # evolution | best_of_n | rl (RLStrategyConfig)
     epochs: int = 10
     batch_size: int = 50  # ideas per epoch (paper: 50 GRPO, 80 nanoGPT)
     call_size: int = 10  # ideas per ideator call (paper: 10)
@@ -130,25 +133,92 @@ class StrategyConfig:
 
 
 @dataclass
+class LengthRewardConfig:
+    """The paper's length reward: + per_char per character of thinking, at most cap."""
+
+    enabled: bool = False
+    cap: float = 0.3  # paper: 0.3
+    per_char: float = 0.0001
+
+
+@dataclass
+class PenaltyConfig:
+    """A mitigation that adds (or subtracts) coef times a similarity score to a sample's reward."""
+
+    enabled: bool = False
+    coef: float = 0.5
+
+
+@dataclass
+class MitigationsConfig:
+    """Reward shaping against the collapse onto a few easy ideas (README, "RL on the ideator")."""
+
+    length_reward: LengthRewardConfig = field(default_factory=LengthRewardConfig)  # the paper's
+    jaccard_penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the paper's: vs the previous step
+    novelty_bonus: PenaltyConfig = field(default_factory=PenaltyConfig)  # ours: far from every earlier idea
+
+
+@dataclass
+class RLStrategyConfig(StrategyConfig):
+    """strategy=rl (hpc_executor/rl/loop.py): per step, a group of ideas sampled from the policy with one
+    prompt, each implemented and run, rewarded, and one policy-gradient step. ``steps`` and
+    ``group_size`` count it; ``epochs`` and ``batch_size`` are set to them (an environment preset's
+    evolution batch does not apply)."""
+
+    name: str = "rl"
+    steps: int = 4  # RL steps (the paper ran 68+ epochs)
+    group_size: int = 4  # samples per step (paper: 128 nanoGPT, 256 GRPO: strategy.group_size=128)
+    loss: str = "grpo_clip"  # grpo_clip | reinforce (importance-sampled over the recorded tokens)
+    advantage: str = "grpo"  # grpo | reinforce | max_at_k (hpc_executor/rl/advantages.py)
+    max_at_k: int = 4  # k of the max_at_k advantage
+    learning_rate: float = 4e-5
+    clip_eps: float = 0.2  # GRPO-clip's ratio clip
+    kl_coef: float = 0.0  # KL penalty towards the base model (paper: none)
+    lora_rank: int = 32
+    temperature: float = 1.0  # sampling temperature (paper: 1.0)
+    max_tokens: int = 2048  # per sample, thinking included
+    # reward / measured baseline reward (1.0: as good as the baseline; failed ideas stay 0)
+    reward_relative_to_baseline: bool = False
+    mitigations: MitigationsConfig = field(default_factory=MitigationsConfig)
+
+
+@dataclass
 class SchedulerConfig:
-    name: str = MISSING  # local | slurm
-    max_parallel: int = 0  # trials at once; 0 = as many as the resources allow
+    """What every scheduler takes (``hpc_executor/scheduling/``); each backend's own fields are in its
+    subclass, whose schema its conf/scheduler/*.yaml file names."""
+
+    name: str = MISSING  # local | slurm: the backend
+    max_parallel: int = 0  # trials in flight at once; 0 = as many as the resources allow (Slurm: its queue)
     result_poll_s: float = 1.0  # how often open trials' result files are looked for (a stat each)
     poll_interval_s: float = 1.0  # how often the scheduler is asked at first; backs off while nothing changes
     poll_interval_max_s: float = 10.0
     result_grace_s: float = 15.0  # a job that ended gets this long for its result file to appear
     vanished_grace_s: float = 120.0  # a job the scheduler has no record of is resubmitted after this
-    # Slurm only (ignored by local):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    gpus_per_node: int = 8
-    cpus_per_gpu: int | None = None
-    mem_gb_per_gpu: int | None = None
+
+
+@dataclass
+class LocalSchedulerConfig(SchedulerConfig):
+    """Trials as processes on this machine (submitit's LocalExecutor)."""
+
+    name: str = "local"
+    kill_wait_s: float = 10.0  # cancel: SIGTERM, then SIGKILL this much later (Slurm's KillWait)
+
+
+@dataclass
+class SlurmSchedulerConfig(SchedulerConfig):
+    """Trials as Slurm array jobs (submitit's SlurmExecutor)."""
+
+    name: str = "slurm"
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    constraint: str | None = None  # sbatch --constraint (node features, e.g. h100)
+    gpus_per_node: int = 8  # a trial asking for this many GPUs takes a whole node (--exclusive)
+    cpus_per_gpu: int | None = None  # per-trial CPUs = max(env.resources.cpus, cpus_per_gpu x GPUs)
+    mem_gb_per_gpu: int | None = None  # likewise for memory
     time_margin_min: int = 10  # added to the environment's hard limit for Slurm's --time
     time_limit_min: int | None = None  # Slurm's --time outright (default: hard limit + eval limit + margin)
-    job_name: str = "hpcx"
+    job_name: str = "hpcx"  # sbatch --job-name (shows in squeue)
     setup: list[str] = field(default_factory=list)  # lines run before the worker (module load ...)
     max_array_parallel: int = 0  # %P in --array=0-N%P; 0 = no cap
     additional_parameters: dict[str, Any] = field(default_factory=dict)  # extra sbatch flags
@@ -193,7 +263,9 @@ class SearchConfig:
     env: EnvConfig = MISSING
     model: ModelConfig = MISSING
     strategy: StrategyConfig = MISSING
-    scheduler: SchedulerConfig = MISSING
+    # typed by the chosen scheduler/ file's schema (local_schema: LocalSchedulerConfig, slurm_schema:
+    # SlurmSchedulerConfig); Any here, so that a recorded config of either backend merges back
+    scheduler: Any = MISSING
     run_name: str = MISSING  # the run directory's name; the same name resumes the same run
     seed: int = 0
     budget_usd: float | None = None  # LLM spend of the whole run; once reached, no new calls start
@@ -211,11 +283,17 @@ class SearchConfig:
     sandbox: str = "auto"
     keep_workspaces: bool = False  # keep each trial's workspace after it ran (diffs and logs are kept)
     check_only: bool = False  # compose, preflight and print the plan, then stop
-    dry_run: bool = False  # print the sbatch script an epoch's trials would be submitted with, then stop
+    dry_run: bool = False  # print what an epoch would submit (Slurm: its sbatch script), then stop
 
 
 def register_configs() -> None:
-    """The primary schema types every group's values (they are merged under its keys)."""
+    """The primary schema types every group's values (they are merged under its keys); the scheduler
+    group's files are typed by their backend's schema."""
     from hydra.core.config_store import ConfigStore  # here: workers import the schemas, not Hydra
 
-    ConfigStore.instance().store(name="search_schema", node=SearchConfig)
+    store = ConfigStore.instance()
+    store.store(name="search_schema", node=SearchConfig)
+    store.store(group="strategy", name="rl_schema", node=RLStrategyConfig)
+    # each backend's schema, named in the defaults of its conf/scheduler/*.yaml files
+    store.store(group="scheduler", name="local_schema", node=LocalSchedulerConfig)
+    store.store(group="scheduler", name="slurm_schema", node=SlurmSchedulerConfig)

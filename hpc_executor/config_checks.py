@@ -4,17 +4,25 @@
 problems). ``command_line_problems`` judges the overrides before Hydra sees them, for what Hydra
 would act on first: it creates the run directory ``outputs/<run_name>`` before any code of ours
 runs, and a ``hydra.searchpath`` entry that does not exist is only a warning to it (a typo then runs
-the built-in environment of that name, or none).
+the built-in environment of that name, or none). It also names the valid keys when a key is
+unknown, on the command line or in a config file, where Hydra names only the schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+CONF_DIR = (
+    Path(__file__).resolve().parent.parent / "conf"
+)  # the command line, its checks and the tests compose from here
 
 # The lowest value that makes sense, per key; below it a run could do nothing (model.samples=0
 # implements no idea) or nothing sensible (a negative count of retries).
@@ -27,11 +35,19 @@ LOWER_BOUNDS: dict[str, int] = {
     "model.implementer.max_tokens": 1,
     "model.ideator.max_retries": 0,
     "model.implementer.max_retries": 0,
+    "model.ideator.latency_s": 0,
+    "model.implementer.latency_s": 0,
     "strategy.epochs": 1,
     "strategy.batch_size": 1,
     "strategy.call_size": 1,
     "strategy.max_shown": 0,
     "strategy.ready_buffer": 0,
+    # strategy=rl (absent elsewhere, so not judged there); a group of one has nothing to compare
+    "strategy.steps": 1,
+    "strategy.group_size": 2,
+    "strategy.max_at_k": 1,
+    "strategy.max_tokens": 1,
+    "strategy.lora_rank": 1,
     "env.budget_s": 1,
     "env.hard_limit_s": 1,
     "env.eval_limit_s": 1,
@@ -104,4 +120,26 @@ def command_line_problems(overrides: list[str]) -> list[str]:
             problems += [p for n in names if "${" not in str(n) and (p := run_name_problem(str(n)))]
         elif key == "hydra.searchpath" and isinstance(entries := override.value(), list):
             problems += [p for e in entries if "${" not in str(e) and (p := searchpath_problem(str(e)))]
+    if not problems and (unknown := unknown_key_problem(overrides)):
+        problems.append(unknown)
     return problems
+
+
+def unknown_key_problem(overrides: list[str]) -> str | None:
+    """A key its schema lacks (``scheduler.partiton=gpu``, or ``partition:`` in a profile of
+    scheduler=local), with the keys the schema has; None when the config composes, or fails to for
+    another reason (left to Hydra). The schemas must be registered (``register_configs``)."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("search", overrides=overrides)
+        return None
+    except Exception as exc:  # Hydra reports anything else itself, properly
+        error: BaseException | None = exc
+        while error is not None and not isinstance(error, (ConfigKeyError, ConfigAttributeError)):
+            error = error.__cause__ or error.__context__
+        where = str(exc).split(":")[0] + ": " if str(exc).startswith("In '") else ""
+    schema = getattr(error, "object_type", None)
+    if not isinstance(schema, type) or not dataclasses.is_dataclass(schema):
+        return None  # not an unknown key of a schema
+    keys = ", ".join(f.name for f in dataclasses.fields(schema))
+    return f"{where}{getattr(error, 'full_key', '?')} is not a key of {schema.__name__}; its keys are: {keys}"

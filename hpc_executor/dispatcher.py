@@ -30,7 +30,7 @@ from hpc_executor.crashpoints import crash_point
 from hpc_executor.errors import RunCancelled
 from hpc_executor.ledger import Ledger
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.storage import mentions_full_disk
 from hpc_executor.types import Patch, PatchStatus, Result, Status, Trial, TrialState, array_index
 
@@ -263,10 +263,12 @@ class Dispatcher:
         where = trial_dir.started_where(tdir) if trial.state == TrialState.QUEUED else None
         if where is not None and state is not JobState.PENDING:
             new_state = TrialState.RUNNING
-            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices")}
+            fields = {"node": where.get("host"), "gpus": where.get("cuda_visible_devices"),
+                      "started_at": where.get("started_at")}  # fmt: skip
         elif trial.state == TrialState.RUNNING and state is JobState.PENDING:
             new_state = TrialState.QUEUED  # requeued or preempted: Slurm runs it again
             trial_dir.forget_start(tdir)
+            fields = {"started_at": None}  # its next start is read from its next started file
         if state.value != trial.job_state:
             fields["job_state"] = state.value
         if new_state == trial.state and not fields:

@@ -54,8 +54,13 @@ def idea_text(title: str, description: str) -> str:
     return f"{title}. {description}"
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words of ``text``, in order (case, punctuation and spacing dropped)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def tokens(text: str) -> frozenset[str]:
-    return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
+    return frozenset(words(text))
 
 
 def jaccard(a: str, b: str) -> float:
@@ -108,13 +113,37 @@ def similarities(texts: Sequence[str], method: str) -> np.ndarray:
     if method == EMBEDDING:
         vectors = _embed(texts)
         return np.clip(vectors @ vectors.T, -1.0, 1.0)
-    n = len(texts)
     sets = [tokens(t) for t in texts]
-    matrix = np.eye(n)
-    for i, j in itertools.combinations(range(n), 2):
-        union = sets[i] | sets[j]
-        matrix[i, j] = matrix[j, i] = len(sets[i] & sets[j]) / len(union) if union else 1.0
+    return jaccard_matrix(sets, sets)
+
+
+def jaccard_matrix(rows: Sequence[frozenset[str]], columns: Sequence[frozenset[str]]) -> np.ndarray:
+    """Token Jaccard similarity of every row set to every column set (two empty sets: 1), counting
+    the shared words through an index of which columns hold each word: a group against thousands of
+    earlier ideas takes a fraction of a second, where comparing sets pair by pair took seconds."""
+    holders: dict[str, list[int]] = {}
+    for j, words_of_column in enumerate(columns):
+        for word in words_of_column:
+            holders.setdefault(word, []).append(j)
+    index = {word: np.array(js) for word, js in holders.items()}
+    sizes = np.array([len(c) for c in columns], dtype=float)
+    matrix = np.empty((len(rows), len(columns)))
+    for i, row in enumerate(rows):
+        hits = [index[w] for w in row if w in index]
+        shared = np.bincount(np.concatenate(hits), minlength=len(columns)) if hits else np.zeros(len(columns))
+        union = len(row) + sizes - shared
+        matrix[i] = np.divide(shared, union, out=np.ones(len(columns)), where=union > 0)
     return matrix
+
+
+def nearest_jaccard(texts: Sequence[str], others: Sequence[str]) -> list[float]:
+    """For each of ``texts``, its token Jaccard similarity to the most similar of ``others`` (nan
+    when ``others`` is empty)."""
+    if not others:
+        return [float("nan")] * len(texts)
+    # a collapsed run repeats its ideas: compare with each once
+    pool = list(dict.fromkeys(tokens(t) for t in others))
+    return [float(m) for m in jaccard_matrix([tokens(t) for t in texts], pool).max(axis=1)]
 
 
 def clusters(matrix: np.ndarray, threshold: float) -> list[list[int]]:

@@ -43,8 +43,18 @@ class Ideator:
     def propose(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: str) -> Proposal:
         """Ask for ``n`` ideas. ``purpose``: ideate (epoch 0 / best-of-N), exploit or explore.
         ``shown``: earlier ideas as dicts with title, description, status, reward."""
+        request = self.request(purpose, n, shown, seed)
+        response = self.llm.complete(request)
+        if response.error:
+            return Proposal([], request, response, response.error)
+        ideas = parse_ideas(response.text)[:n]
+        problem = "" if ideas else "no ideas found in the answer (no <idea> blocks, JSON, list or headings)"
+        return Proposal(ideas, request, response, problem)
+
+    def request(self, purpose: str, n: int, shown: list[dict[str, Any]], seed: str) -> LLMRequest:
+        """The call that asks for ``n`` ideas (strategy=rl samples its policy with the same prompt)."""
         prompt = prompts.render(purpose, shown=format_shown(purpose, shown), n=n)
-        request = LLMRequest(
+        return LLMRequest(
             prompt=prompt,
             purpose=purpose,
             system=prompts.render("ideator_system"),
@@ -53,12 +63,6 @@ class Ideator:
             thinking_budget=self.budgets[purpose],
             context={"n": n, "shown": shown, "seed": seed, "catalog": str(self.env.catalog_path() or "")},
         )
-        response = self.llm.complete(request)
-        if response.error:
-            return Proposal([], request, response, response.error)
-        ideas = parse_ideas(response.text)[:n]
-        problem = "" if ideas else "no ideas found in the answer (no <idea> blocks, JSON, list or headings)"
-        return Proposal(ideas, request, response, problem)
 
 
 def format_shown(purpose: str, shown: list[dict[str, Any]]) -> str:

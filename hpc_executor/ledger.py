@@ -30,6 +30,7 @@ import pandas as pd
 
 from hpc_executor import confirm, diversity, gpu_hours
 from hpc_executor.errors import LedgerError
+from hpc_executor.rl import records as rl_records
 from hpc_executor.trial_dir import RESULT_FILE
 from hpc_executor.types import Idea, Patch, Result, Trial, array_index
 
@@ -44,6 +45,9 @@ TABLES = (
     "trial_usage",
     "confirmations",
     "novelty_rejections",
+    "rl_steps",
+    "rl_samples",
+    "meta",  # key -> value: the run's recorded config (YAML) and identity
 )
 OPEN_STATES = ("pending", "queued", "running")
 
@@ -84,13 +88,17 @@ _ADDED_COLUMNS = [
     ("trials", "purpose", "TEXT"),  # NULL: the idea's search trial; baseline_repeat, confirm: extra seeds
     ("trials", "seed", "INTEGER"),  # the seed of an extra trial (search trials run the run's seed)
     ("llm_calls", "idea_id", "TEXT"),  # the idea an implementer call was for (NULL for ideator calls)
+    # wall-clock epoch seconds the trial started and ended running (NULL until known), for utilisation:
+    # the start from the worker's started file, the end from its result (or when the driver settled it)
+    ("trials", "started_at", "REAL"),
+    ("trials", "ended_at", "REAL"),
 ]
 
 
 # one row per idea with its search trial (extra seeds aside), its result, usage and confirmation
 _OUTCOMES_SQL = """
             SELECT i.idea_id, i.epoch, i.kind, i.title, i.description, t.trial_id, t.trial_dir,
-                   t.state, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
+                   t.state, t.started_at, t.ended_at, r.status, r.reward, r.reason, r.log_path, r.runtime_s, u.gpu_hours,
                    c.mean AS confirmed_mean, c.std AS confirmed_std, c.runs AS confirmed_runs,
                    c.runs_ok AS confirmed_ok, c.confirmed
             FROM ideas i LEFT JOIN trials t ON t.idea_id = i.idea_id AND t.purpose IS NULL
@@ -117,18 +125,25 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA)
-        self._add_missing_columns()
+        self.db.executescript(_SCHEMA + gpu_hours.USAGE_SCHEMA + confirm.SCHEMA + diversity.REJECTIONS_SCHEMA
+                              + rl_records.SCHEMA)  # fmt: skip
+        added = self._add_missing_columns()
         self._add_missing_usage()
+        if ("trials", "ended_at") in added:
+            self._fill_run_times()
 
-    def _add_missing_columns(self) -> None:
-        """Ledgers written before a column existed get it (empty), so old runs resume and load."""
+    def _add_missing_columns(self) -> set[tuple[str, str]]:
+        """Ledgers written before a column existed get it (empty), so old runs resume and load.
+        Returns the (table, column) pairs added."""
+        added = set()
         for table, column, kind in _ADDED_COLUMNS:
             have = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
             if column not in have:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                added.add((table, column))
                 if (table, column) == ("llm_calls", "idea_id"):
                     self._fill_call_ideas()
+        return added
 
     def _fill_call_ideas(self) -> None:
         """An older ledger's implementer calls get their idea from the patch that lists them."""
@@ -136,6 +151,16 @@ class Ledger:
         self.db.executemany(
             "UPDATE llm_calls SET idea_id = ? WHERE call_id = ?",
             [(r["idea_id"], call_id) for r in rows for call_id in json.loads(r["llm_call_ids"] or "[]")],
+        )
+
+    def _fill_run_times(self) -> None:
+        """Finished trials of a ledger from before ``trials.started_at``/``ended_at`` get them from
+        their usage row (the worker's start plus its runtime; a result it never ran: when it was ingested)."""
+        self.db.execute(
+            "UPDATE trials SET started_at = (SELECT u.started_at FROM trial_usage u WHERE u.trial_id = trials.trial_id),"
+            " ended_at = (SELECT coalesce(u.ended_at, r.ingested_at) FROM results r"
+            " LEFT JOIN trial_usage u USING (trial_id) WHERE r.trial_id = trials.trial_id)"
+            " WHERE trial_id IN (SELECT trial_id FROM results)"
         )
 
     def _add_missing_usage(self) -> None:
@@ -282,6 +307,11 @@ class Ledger:
                 "UPDATE trials SET state = 'done', updated_at = ? WHERE trial_id = ? AND state != 'done'",
                 [(now, row[0]) for row in rows],
             )
+            db.executemany(  # the first result recorded sets them, as it is the one kept
+                "UPDATE trials SET started_at = coalesce(?, started_at), ended_at = ? WHERE trial_id = ?"
+                " AND ended_at IS NULL",
+                [(*run_times(r, now), r.trial_id) for r in results],
+            )
             ran = [
                 (job, array_index(job), r.trial_id) for r in results if (job := r.provenance.get("job_id"))
             ]
@@ -308,7 +338,7 @@ class Ledger:
             db.executemany("DELETE FROM results WHERE trial_id = ?", [(tid,) for tid in trial_ids])
             db.executemany(
                 "UPDATE trials SET state = 'pending', job_id = NULL, array_index = NULL, job_state = NULL,"
-                " note = ?, updated_at = ? WHERE trial_id = ?",
+                " started_at = NULL, ended_at = NULL, note = ?, updated_at = ? WHERE trial_id = ?",
                 [(note, now, tid) for tid in trial_ids],
             )
 
@@ -414,6 +444,12 @@ class Ledger:
         ).fetchone()
         return {"ideas": ideas, "implemented": implemented, "trials": trials, "best": best}
 
+    def rl_samples_frame(self) -> pd.DataFrame:
+        """strategy=rl's samples, one row each: step, sample_index, text, thinking_chars, answer_chars,
+        idea_id (None when the sample gave no idea), title, description, executed (the trial ran and
+        was scored), reward (0.0 for failed; NaN until the step's trials are done)."""
+        return rl_records.samples_frame(self)
+
     def llm_usage(self) -> list[dict[str, Any]]:
         """Calls, failures, tokens and dollars per role, purpose and model, for the end-of-run table."""
         rows = self.db.execute(
@@ -451,6 +487,17 @@ class Ledger:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
+
+
+def run_times(result: Result, settled_at: float) -> tuple[float | None, float]:
+    """When the trial of this result started and ended running (wall-clock): the worker's own
+    clock where it ran (an older worker recorded no end: its start plus its runtime), else
+    ``settled_at``, when the driver wrote the result itself (a job that died, a cancel)."""
+    started = result.provenance.get("started_at")
+    ended = result.provenance.get("ended_at")
+    if ended is None and started is not None:
+        ended = float(started) + float(result.runtime_s or 0.0)
+    return (None if started is None else float(started)), (settled_at if ended is None else float(ended))
 
 
 def _frames(db: sqlite3.Connection) -> dict[str, pd.DataFrame]:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from hpc_executor.errors import PreflightError
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.trial_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,12 @@ class ModelServer:
                 return self.url
             self._check_alive()
             self._sleep(POLL_S)
-        self.stop()
+        job = self.job_id
+        self.stop()  # which forgets the job
         raise PreflightError(
-            f"the model server for {self.model} (job {self.job_id}) did not answer {self.cfg.health_path} within "
+            f"the model server for {self.model} (job {job}) did not answer {self.cfg.health_path} within "
             f"serve.startup_timeout_s={self.cfg.startup_timeout_s:g}s; it was cancelled. Its log: "
-            f"{self._log_hint()}. Raise the timeout if the queue or the weights are slow."
+            f"{self._log_hint(job)}. Raise the timeout if the queue or the weights are slow."
         )
 
     def stop(self) -> None:

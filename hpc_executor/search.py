@@ -32,7 +32,7 @@ from hpc_executor.ledger import Ledger
 from hpc_executor.llm import LLM, make_llm, spec_from_config
 from hpc_executor.progress import Progress
 from hpc_executor.sandbox import drop_secrets_from_environ, resolve_sandbox
-from hpc_executor.scheduler import make_scheduler
+from hpc_executor.scheduling import make_scheduler, recorded_config
 from hpc_executor.servers import ROLES, Servers
 from hpc_executor.steady import SteadyLoop
 from hpc_executor.strategies import make_strategy
@@ -146,6 +146,11 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.cfg.strategy.name == "rl":  # RL steps on the policy instead of epochs of ideas
+            from hpc_executor.rl.loop import RLLoop
+
+            RLLoop(self).run()
+            return
         self.open()
         s = self.cfg.strategy
         log.info(
@@ -386,6 +391,7 @@ def search_for_run(run_dir: Path, overrides: dict[str, Any]) -> Search:
     if recorded is None:
         raise PreflightError(f"{run_dir} has no recorded config: it never started; run the search first")
     cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), OmegaConf.create(recorded))
+    cfg.scheduler = recorded_config(cfg.scheduler)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     assert isinstance(cfg, DictConfig)

@@ -14,7 +14,7 @@ from hpc_executor.ledger import Ledger
 from hpc_executor.llm import LLM
 from hpc_executor.llm.retry import RetryingLLM
 from hpc_executor.model_server import ModelServer
-from hpc_executor.scheduler import Scheduler
+from hpc_executor.scheduling import Scheduler
 
 ROLES = ("ideator", "implementer")
 

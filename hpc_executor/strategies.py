@@ -77,7 +77,17 @@ class BestOfN(Strategy):
     """The same number of samples as evolution, all drawn like epoch 0, with no reward feedback."""
 
 
-STRATEGIES = {"evolution": Evolution, "best_of_n": BestOfN}
+class RLGroups(Strategy):
+    """strategy=rl (hpc_executor/rl/loop.py): each step's ideas are one group sampled from the policy.
+    Steps and groups count the run, so ``epochs`` and ``batch_size`` are set to ``steps`` and
+    ``group_size`` here, whatever an environment preset chose for evolution."""
+
+    def __init__(self, cfg: DictConfig, seed: int) -> None:
+        cfg.epochs, cfg.batch_size = cfg.steps, cfg.group_size
+        super().__init__(cfg, seed)
+
+
+STRATEGIES = {"evolution": Evolution, "best_of_n": BestOfN, "rl": RLGroups}
 
 
 def make_strategy(cfg: DictConfig, seed: int) -> Strategy:

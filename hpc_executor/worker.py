@@ -277,7 +277,7 @@ class TrialRunner:
             provenance=self.spec.provenance
             | self.where
             | self.sandbox.provenance()
-            | {"packages": package_versions()},
+            | {"packages": package_versions(), "ended_at": time.time()},  # wall-clock, as started_at
         )
 
 

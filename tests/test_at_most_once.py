@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -150,36 +149,3 @@ def test_a_result_names_the_job_that_ran_it(tmp_path: Path) -> None:
     ledger.record_results([Result("t0", Status.OK, reward=1.0, provenance={"job_id": "600_2"})])
     row = ledger.db.execute("SELECT job_id, array_index, state FROM trials").fetchone()
     assert tuple(row) == ("600_2", 2, "done")
-
-
-def submitted_then_found(scheduler_of, tmp_path: Path) -> None:
-    """A scheduler submits under a token; another instance (a new driver) finds the same jobs."""
-    from test_slurm import make_trials, wait_for
-
-    from hpc_executor.scheduler import Shape
-
-    dirs = make_trials(tmp_path, 2, extra_env={"QUICK_SLEEP_S": "5"})
-    shape = Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=120)
-    jobs = scheduler_of(tmp_path).submit(dirs, shape, token="tok123")
-    found = scheduler_of(tmp_path).find_submitted(
-        {"tok123": dirs, "never": ["/nowhere"]}, since=time.time() - 5
-    )
-    assert found == dict(zip(dirs, jobs, strict=True))
-    wait_for(lambda: all((Path(d) / RESULT_FILE).exists() for d in dirs), what="the results")
-
-
-def test_the_local_scheduler_finds_what_was_submitted_under_a_token(tmp_path: Path) -> None:
-    from omegaconf import OmegaConf
-
-    from hpc_executor.config import SchedulerConfig
-    from hpc_executor.scheduler import LocalScheduler
-
-    cfg = OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "local"})
-    submitted_then_found(lambda p: LocalScheduler(cfg, p / "submitit"), tmp_path)
-
-
-@slurm
-def test_slurm_finds_what_was_submitted_under_a_token(tmp_path: Path) -> None:
-    from test_slurm import scheduler_for
-
-    submitted_then_found(scheduler_for, tmp_path)

@@ -20,7 +20,7 @@ from hpc_executor.claim import claim_holder, claim_trial
 from hpc_executor.dispatcher import Dispatcher
 from hpc_executor.errors import RunCancelled
 from hpc_executor.ledger import Ledger
-from hpc_executor.scheduler import JobState, Shape
+from hpc_executor.scheduling import JobState, Shape
 from hpc_executor.types import Idea, Patch, PatchStatus, Status, TrialState
 
 TIMING = {"result_poll_s": 0.5, "poll_interval_s": 1.0, "poll_interval_max_s": 4.0, "result_grace_s": 2.0,

@@ -203,7 +203,7 @@ def test_a_hostile_trial_in_a_real_slurm_job_is_contained(
 ) -> None:
     from test_slurm import cluster_up, scheduler_for, wait_for
 
-    from hpc_executor.scheduler import Shape
+    from hpc_executor.scheduling import Shape
 
     if not cluster_up():
         pytest.skip(

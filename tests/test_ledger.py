@@ -90,7 +90,7 @@ def test_results_survive_reopening_and_load_into_pandas_and_parquet(tmp_path: Pa
     ledger.close()
     frames = ledger_module.load(tmp_path)
     assert set(frames) == {"ideas", "patches", "trials", "results", "llm_calls", "trial_usage", "confirmations",
-                           "novelty_rejections"}  # fmt: skip
+                           "novelty_rejections", "rl_steps", "rl_samples", "meta"}  # fmt: skip
     assert frames["results"].metrics.iloc[0] == {"loss": 1.0}
     out = ledger_module.export_parquet(tmp_path)
     back = pd.read_parquet(out / "results.parquet")

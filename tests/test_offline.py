@@ -106,3 +106,13 @@ def test_when_the_catalog_is_exhausted_new_parameter_values_are_tried(env: Envir
     new = [frozenset(recipe_of(d)) for _, d in more]
     assert len(new) == 2 and not set(new) & old
     assert all(any(step.params for step in recipe) for recipe in new)
+
+
+def test_a_garbled_recipe_keeps_only_what_parses() -> None:
+    # what a tiny sampled model writes: a parameter without a value, an empty part, words that are
+    # no parameters; catalog_recipe then corrects the ids and fills the missing values
+    assert [s.render() for s in recipe_of("Raise it. (recipe: huge_lr lr ofpo)")] == ["huge_lr"]
+    assert recipe_of("(recipe: )") == []
+    assert [s.render() for s in recipe_of("(recipe: higher_lr lr=1e-3 | )")] == ["higher_lr lr=1e-3"]
+    steps = recipe_of("Combine. (recipe: cosine_schedule lr_max=2e-3 | weight_tying)")
+    assert [s.render() for s in steps] == ["cosine_schedule lr_max=2e-3", "weight_tying"]

@@ -19,9 +19,8 @@ from conftest import quick_env_config, run_search, search_cmd
 from omegaconf import OmegaConf
 
 from hpc_executor import ledger as ledger_module
-from hpc_executor.config import SchedulerConfig
-from hpc_executor.scheduler import JobState, SchedulerQueryError, Shape
-from hpc_executor.slurm import SlurmScheduler, parse_sacct, sbatch_script
+from hpc_executor.scheduling import JobState, SchedulerQueryError, Shape
+from hpc_executor.scheduling.slurm import SlurmScheduler, parse_sacct, sbatch_script
 from hpc_executor.trial_dir import DIFF_FILE, RESULT_FILE, STARTED_FILE, TrialSpec
 
 DATA = Path(__file__).parent / "data" / "slurm"
@@ -79,7 +78,7 @@ def test_sacct_steps_and_garbage_are_ignored() -> None:
 
 # -- sbatch scripts against reference files -----------------------------------------------------
 def site(**overrides: object) -> SlurmScheduler:
-    cfg = OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {
+    cfg = OmegaConf.create({
         "name": "slurm", "partition": "gpu", "account": "lab", "qos": "normal", "constraint": "h100",
         "cpus_per_gpu": 12, "mem_gb_per_gpu": 120, "max_array_parallel": 64, "job_name": "hpcx-run",
         "setup": ["module load cuda/12.4"], **overrides})  # fmt: skip
@@ -141,8 +140,7 @@ def wait_for(predicate, timeout: float = 240.0, what: str = "condition") -> None
 
 
 def scheduler_for(tmp_path: Path) -> SlurmScheduler:
-    cfg = OmegaConf.merge(OmegaConf.structured(SchedulerConfig), {"name": "slurm", "job_name": "hpcx-test"})
-    return SlurmScheduler(cfg, tmp_path / "submitit")
+    return SlurmScheduler(OmegaConf.create({"name": "slurm", "job_name": "hpcx-test"}), tmp_path / "submitit")
 
 
 @slurm

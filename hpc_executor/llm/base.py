@@ -37,6 +37,9 @@ class LLMSpec:
     check_model: bool = True  # ask the models endpoint at start-up; off for gateways that have none
     # HTTP attempts in flight per endpoint (provider + base_url), shared by all roles
     max_concurrency: int = 8
+    # offline stand-in only: seconds each call takes (at most max_concurrency at once), so that a
+    # benchmark's calls take as long as a thinking model's; real providers take what they take
+    latency_s: float = 0.0
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from hpc_executor.errors import ConfigError, PreflightError
 from hpc_executor.llm.base import LLMSpec
@@ -15,6 +17,7 @@ DEFAULT_KEY_ENV = {
     "openai_compatible": None,
     "offline": None,
 }
+TINKER_KEY_ENV = "TINKER_API_KEY"  # the RL policy backend tinker (see policy_env_vars)
 PLACEHOLDER_KEY = "EMPTY"  # sent when no key is needed: the SDK insists on one, keyless servers ignore it
 
 
@@ -44,3 +47,11 @@ def api_key(spec: LLMSpec) -> tuple[str, str | None]:
             " (or set api_key_env in the model config to the variable that holds it)"
         )
     return key, name
+
+
+def policy_env_vars(policy_cfg: Mapping[str, Any] | None) -> list[str]:
+    """The environment variables an RL policy (the model group's ``policy:`` section) needs: the
+    Tinker key for ``backend: tinker`` (``api_key_env``, default TINKER_API_KEY); none otherwise."""
+    if not policy_cfg or policy_cfg.get("backend") != "tinker":
+        return []
+    return [str(policy_cfg.get("api_key_env") or TINKER_KEY_ENV)]

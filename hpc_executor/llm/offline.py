@@ -8,6 +8,10 @@ weight_tying)``, and the implementer side turns that recipe back into the catalo
 then go through the same patching and revision path as an LLM's answer. Some catalog diffs fail on
 purpose (crash, time out, tamper with the evaluator, miscount hunk headers) so that every failure
 path of the system is exercised.
+
+``latency_s`` makes every call take that long (at most ``max_concurrency`` at once, as at a
+provider's endpoint), so that a benchmark's calls take seconds as a thinking model's do; the
+answers stay the scripted ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import itertools
 import random
 import re
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,10 +32,13 @@ import yaml
 
 from hpc_executor.errors import ConfigError, HpcExecutorError
 from hpc_executor.llm.base import LLM, LLMRequest, LLMResponse, LLMSpec
+from hpc_executor.llm.limits import limiter_for
 from hpc_executor.patching import WorkspacePolicy, apply_diff
 from hpc_executor.trial_dir import copy_baseline
 
 _RECIPE = re.compile(r"\(recipe: ([^)]*)\)")
+_PARAMS = re.compile(r"\([^)]*\)")  # "Raise the learning rate (lr=0.3)": the bracket is the parameters
+MATCH_CUTOFF = 0.8  # difflib's ratio at or above which a sampled title or id names a catalog entry
 LABEL = "offline scripted stand-in (not an LLM)"
 
 
@@ -46,12 +55,46 @@ class Step:
     @classmethod
     def parse(cls, text: str) -> Step:
         entry_id, *pairs = text.split()
-        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs))  # type: ignore[misc]
+        return cls(entry_id, tuple(tuple(p.split("=", 1)) for p in pairs if p.partition("=")[2]))  # type: ignore[misc]
 
 
 def recipe_of(description: str) -> list[Step]:
+    """The steps of a description's recipe; an empty part or a parameter without a value (sampled
+    text garbles them) is left out (``catalog_recipe`` gives it its first value)."""
     match = _RECIPE.search(description or "")
-    return [Step.parse(part) for part in match.group(1).split("|")] if match else []
+    return [Step.parse(part) for part in match.group(1).split("|") if part.split()] if match else []
+
+
+def catalog_recipe(title: str, description: str, catalog: dict[str, dict[str, Any]]) -> list[Step]:
+    """The catalog entries an idea names, tolerant of sampled text (strategy=rl's policy writes the
+    ideas): its recipe, with entry ids a sampler misspelled corrected; else the entries its title
+    names, one per part of an "A + B" title, at their first parameter values; [] when it names none."""
+    steps = [_known(step, catalog) for step in recipe_of(description)]
+    if steps and all(steps):
+        return [s for s in steps if s]
+    by_title = [_entry_titled(part, catalog) for part in title.split(" + ")]
+    if not all(by_title):
+        return []
+    return [Step(k, OfflineLLM._default_params(catalog[k])) for k in by_title if k]
+
+
+def _known(step: Step, catalog: dict[str, dict[str, Any]]) -> Step | None:
+    """The step with its entry id corrected, and the parameters it lacks at their first values."""
+    close = [step.entry_id] if step.entry_id in catalog else difflib.get_close_matches(
+        step.entry_id, list(catalog), n=1, cutoff=MATCH_CUTOFF)  # fmt: skip
+    if not close:
+        return None
+    given = dict(step.params)
+    missing = tuple(p for p in OfflineLLM._default_params(catalog[close[0]]) if p[0] not in given)
+    return Step(close[0], step.params + missing)
+
+
+def _entry_titled(title: str, catalog: dict[str, dict[str, Any]]) -> str | None:
+    """The entry whose title this is, parameters in brackets and case aside, up to a few typos."""
+    wanted = _PARAMS.sub("", title).strip().lower()
+    titles = {str(e["title"]).lower(): k for k, e in catalog.items()}
+    close = difflib.get_close_matches(wanted, list(titles), n=1, cutoff=MATCH_CUTOFF)
+    return titles[close[0]] if close else None
 
 
 @cache
@@ -66,21 +109,29 @@ def load_catalog(path: str) -> dict[str, dict[str, Any]]:
 
 
 class OfflineLLM(LLM):
-    def __init__(self, spec: LLMSpec) -> None:
+    def __init__(self, spec: LLMSpec, sleep: Callable[[float], None] = time.sleep) -> None:
         super().__init__(spec)
+        if spec.latency_s < 0:
+            raise ConfigError(f"latency_s is {spec.latency_s}; give the seconds each call takes, 0 or more")
+        self._limiter = limiter_for(spec)
+        self._sleep = sleep  # injectable so tests own the clock
 
     @property
     def label(self) -> str:
         return LABEL
 
     def complete(self, request: LLMRequest) -> LLMResponse:
+        start = time.monotonic()
         catalog = load_catalog(request.context.get("catalog", ""))
         if request.purpose in ("ideate", "explore", "exploit"):
             text = self._ideas(request, catalog)
         else:
             text = self._diff(request, catalog)
+        if self.spec.latency_s:
+            with self._limiter:
+                self._sleep(self.spec.latency_s)
         return LLMResponse(text=text, model=LABEL, input_tokens=len(request.user_text) // 4,
-                           output_tokens=len(text) // 4)  # fmt: skip
+                           output_tokens=len(text) // 4, latency_s=time.monotonic() - start)  # fmt: skip
 
     # -- ideas ----------------------------------------------------------------------------------
     def _ideas(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:
@@ -91,7 +142,7 @@ class OfflineLLM(LLM):
             recipes = self._exploit(shown, catalog, rng, ctx["n"])
         else:
             recipes = self._fresh(shown, catalog, rng, ctx["n"])
-        return "\n\n".join(self._idea_text(r, catalog) for r in recipes)
+        return "\n\n".join(self.idea_text(r, catalog) for r in recipes)
 
     def _fresh(self, shown: list[dict[str, Any]], catalog: dict[str, dict[str, Any]],
                rng: random.Random, n: int) -> list[list[Step]]:  # fmt: skip
@@ -155,7 +206,9 @@ class OfflineLLM(LLM):
         return tuple((k, str(v[0])) for k, v in (entry.get("params") or {}).items())
 
     @staticmethod
-    def _idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
+    def idea_text(recipe: list[Step], catalog: dict[str, dict[str, Any]]) -> str:
+        """One idea in the prompt's format, its recipe at the end of the description (what the
+        implementer side reads back); the tiny RL policy warms up on these too."""
         titles = []
         for step in recipe:
             title = catalog[step.entry_id]["title"]
@@ -170,8 +223,8 @@ class OfflineLLM(LLM):
     # -- diffs ----------------------------------------------------------------------------------
     def _diff(self, request: LLMRequest, catalog: dict[str, dict[str, Any]]) -> str:
         ctx = request.context
-        recipe = recipe_of(ctx["idea"]["description"])
-        if not recipe or any(s.entry_id not in catalog for s in recipe):
+        recipe = catalog_recipe(ctx["idea"]["title"], ctx["idea"]["description"], catalog)
+        if not recipe:
             return "I cannot implement this idea: it is not from the catalog (offline scripted stand-in)."
         revising = ctx.get("revision", 0) > 0
         diffs = [self._entry_diff(catalog[s.entry_id], s, revising) for s in recipe]

@@ -44,6 +44,9 @@ class TrainSettings:
     kl_coef: float = 0.0  # a KL penalty towards the base model (0: none, as in the paper)
     lora_rank: int = 32
     seed: int = 0
+    # The sampling temperature: recorded log-probs are the tempered sampler's, so the update computes
+    # the trained policy's log-probs at the same temperature, or the importance ratios are off.
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def use(self, version: PolicyVersion) -> None:
         """Sample from, and train on from, ``version`` (a resumed run's last finished step)."""
+
+    def suspend(self) -> None:
+        """The loop is about to execute trials (hours): release the GPUs the policy holds while
+        it waits (a served model), unless its config keeps them; the next ``sample`` or
+        ``train_step`` takes them again. A no-op by default."""
+        return None
 
     def close(self) -> None:
         """Release what the backend holds (a served model, a client); a no-op by default."""

@@ -1,6 +1,6 @@
 """An in-memory twin of a scheduler, and a clock the test owns.
 
-``MemoryScheduler`` implements ``hpc_executor.scheduler.Scheduler`` with dicts: submissions get Slurm
+``MemoryScheduler`` implements ``hpc_executor.scheduling.Scheduler`` with dicts: submissions get Slurm
 style array ids (``100_0``, ``100_1``, ...) and the test moves each job through its life by hand
 (``start``, ``finish``, ``end``, ``requeue``, ``vanish``), doing what the worker would do in the trial
 directory (the claim, the start, the result) with the same functions the worker uses. ``tick`` plays
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from hpc_executor import trial_dir
 from hpc_executor.claim import claim_trial
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.types import Result, Status
 
 
@@ -63,6 +63,9 @@ class MemoryScheduler(Scheduler):
     # -- the Scheduler interface -----------------------------------------------------------------
     def capacity(self, shape: Shape) -> int | None:
         return self._capacity
+
+    def dry_run(self, shape: Shape, n_trials: int) -> str:
+        return f"{n_trials} trials of {shape} in memory (a test double: nothing runs)"
 
     def submit(
         self, trial_dirs: list[str], shape: Shape, token: str | None = None
@@ -137,7 +140,8 @@ class MemoryScheduler(Scheduler):
         """The job ends in ``state`` without a result; ``log`` is its stderr."""
         self.jobs[job_id].state = state
         if log:
-            (self.folder / f"{job_id}_0_log.err").write_text(log)
+            (self.folder / job_id).mkdir(parents=True, exist_ok=True)  # where submitit keeps a job's logs
+            (self.folder / job_id / f"{job_id}_0_log.err").write_text(log)
 
     def requeue(self, job_id: str) -> None:
         self.jobs[job_id].state = JobState.PENDING

@@ -6,7 +6,8 @@
   (``torchrun --nproc_per_node={gpus}``) spreads it over the node's GPUs.
 * States: one ``sacct`` call per poll for every live job, whatever their number, mapped to
   ``JobState`` by one table. A failing ``sacct`` raises ``SchedulerQueryError``; the driver logs it
-  and polls again later, deciding nothing from a missing answer.
+  and polls again later, deciding nothing from a missing answer. A job killed from outside
+  (SIGKILL) reads FAILED, one stopped by ``cancel`` (``scancel``) CANCELLED, as on the local backend.
 * Re-attach: job ids live in the ledger, and ``states`` needs nothing else, so a restarted driver
   follows the jobs its predecessor submitted.
 """
@@ -28,8 +29,9 @@ import submitit
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
+from hpc_executor.config import SlurmSchedulerConfig
 from hpc_executor.errors import HpcExecutorError
-from hpc_executor.scheduler import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling.base import JobState, Scheduler, SchedulerQueryError, Shape
 from hpc_executor.worker import run_trial
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,12 @@ def _expand_range(spec: str) -> Iterable[int]:
 
 
 class SlurmScheduler(Scheduler):
-    def capacity(self, shape: Shape) -> None:
-        return None  # Slurm queues; max_array_parallel caps an array's running tasks
+    config_class = SlurmSchedulerConfig
+
+    def capacity(self, shape: Shape) -> int | None:
+        # Slurm queues (max_array_parallel caps an array's running tasks); max_parallel caps what
+        # this run has in Slurm's queue at once, for a site that limits queued jobs per user
+        return int(self.cfg.max_parallel) or None
 
     def sbatch_parameters(self, shape: Shape) -> dict[str, Any]:
         """submitit parameters for one trial of this shape on this site."""
