@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,15 +44,17 @@ class Progress:
         self._log_changed(line)
 
     def steady_line(self, ideas: int, total: int, in_flight: int, ready: int, trials: dict[str, int],
-                    best: float | None) -> None:  # fmt: skip
+                    best: float | None, busy_share: float) -> None:  # fmt: skip
         """The progress of a steady run: ideas recorded of all, ideas still being asked for or
-        implemented, patches waiting for a slot, and the trials."""
+        implemented, patches waiting for a slot, the trials, and the share of slot time busy since
+        the first trial started (NaN before)."""
         queued = trials.get("pending", 0) + trials.get("queued", 0)
         best_text = f"{best:.4f}" if best is not None else "-"
         self._log_changed(
             f"steady | ideas {ideas}/{total} | ideas in flight {in_flight} | ready patches {ready} | trials "
-            f"running {trials.get('running', 0)} queued {queued} done {trials.get('done', 0)} | "
-            f"best reward {best_text} (baseline {self.baseline:.4f})"
+            f"running {trials.get('running', 0)} queued {queued} done {trials.get('done', 0)} | slots busy "
+            f"{'-' if math.isnan(busy_share) else f'{busy_share:.0%}'} | best reward {best_text} "
+            f"(baseline {self.baseline:.4f})"
         )
 
     def _log_changed(self, line: str) -> None:

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from hpc_executor import ids
+from hpc_executor import ids, utilisation
 from hpc_executor.ideation import IDEATION_ATTEMPTS, Ask
 from hpc_executor.ideator import Proposal
 from hpc_executor.implementer import Call
@@ -43,6 +43,8 @@ class SteadyLoop:
         self.ready_buffer = int(s.ready_buffer)
         # trials in flight at once where the scheduler sets no capacity (Slurm queues what it gets)
         self.in_flight_limit = int(search.cfg.scheduler.max_parallel) or self.batch_size
+        capacity = search.scheduler.capacity(search.shape)
+        self.slots = self.in_flight_limit if capacity is None else min(capacity, self.in_flight_limit)
         self.asking: dict[Future[Proposal], Ask] = {}
         self.implementing: dict[Future[tuple[Patch | None, list[Call]]], Idea] = {}
         self.calls_made: dict[tuple[int, int], int] = {}  # (label, slot) -> ideator calls this session
@@ -227,6 +229,10 @@ class SteadyLoop:
         counts = search.ledger.epoch_progress(None)
         in_flight = sum(len(a.group) for a in self.asking.values()) + len(self.implementing)
         ready = sum(1 for _, p in self._ready() if p.status == PatchStatus.APPLIED)
+        spans = search.ledger.db.execute(
+            "SELECT started_at, ended_at FROM trials WHERE started_at IS NOT NULL"
+        )
+        busy = utilisation.from_intervals(spans.fetchall(), self.slots, until=time.time()).busy_share
         search.progress.steady_line(counts["ideas"], self.epochs * self.batch_size, in_flight, ready,
-                                    counts["trials"], counts["best"])  # fmt: skip
+                                    counts["trials"], counts["best"], busy)  # fmt: skip
         search.snapshot_after(changed)

@@ -32,7 +32,7 @@ from hpc_executor.scheduling import (
     make_scheduler,
     recorded_config,
 )
-from hpc_executor.worker import RESULT_FILE, STARTED_FILE
+from hpc_executor.trial_dir import RESULT_FILE, STARTED_FILE
 
 register_configs()
 

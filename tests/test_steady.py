@@ -6,6 +6,7 @@ soon as nothing is left to ask."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def test_steady_runs_end_to_end_and_counts_generations_of_completed_trials(
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "steady | ideas 6/6" in out and "Best ideas of" in out and "epoch 1/" not in out
+    busy = [int(m) for m in re.findall(r"slots busy (\d+)%", out)]
+    assert busy and 0 < busy[-1] <= 100, "the line shows the share of slot time busy so far"
     frames = ledger_module.load(tmp_path / RUN)
     check_complete(frames)
     calls, trials, results = frames["llm_calls"], frames["trials"], frames["results"]
