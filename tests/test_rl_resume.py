@@ -80,8 +80,8 @@ def test_a_driver_killed_anywhere_in_a_step_resumes_it_and_does_nothing_twice(
     assert len(done) == steps.version_step.max(), "every version was written by one update"
 
     ideas = table(run_dir, "SELECT idea_id FROM ideas")
-    implemented = table(run_dir, "SELECT idea_id, count(*) AS n FROM llm_calls l JOIN patches p"
-                                 " ON instr(p.llm_call_ids, l.call_id) WHERE l.purpose = 'implement' GROUP BY idea_id")  # fmt: skip
+    implemented = table(run_dir, "SELECT p.idea_id, count(*) AS n FROM llm_calls l JOIN patches p"
+                                 " ON instr(p.llm_call_ids, l.call_id) WHERE l.purpose = 'implement' GROUP BY p.idea_id")  # fmt: skip
     assert sorted(implemented.idea_id) == sorted(ideas.idea_id) and (implemented.n == 1).all()
     trials = table(run_dir, "SELECT t.*, r.status FROM trials t JOIN results r USING (trial_id)")
     assert sorted(trials.idea_id) == sorted(ideas.idea_id)
