@@ -2,7 +2,7 @@
 reward of the last steps rise above the first step's beyond noise, does the number of distinct
 ideas fall (the collapse), and does a mitigation keep it higher?
 
-    python bench/rl_collapse.py [--seeds 3] [--steps 10] [--group 16] [--smoke]
+    python bench/rl_collapse.py [--seeds 3] [--steps 8] [--group 32] [--smoke]
 
 Each (seed, variant) is one ``python -m hpc_executor.search +env=quick +model=tiny_policy
 strategy=rl`` run (the tiny causal LM the code builds, the offline stand-in implementing its ideas on
@@ -56,10 +56,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--group", type=int, default=16, help="samples per step")
-    parser.add_argument("--lr", type=float, default=5e-2, help="the tiny model learns at a large rate")
-    parser.add_argument("--last", type=int, default=3, help="steps averaged as 'the last steps'")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--group", type=int, default=32, help="samples per step")
+    parser.add_argument(
+        "--lr", type=float, default=1e-2, help="the tiny model learns at a large rate (5e-2 breaks it)"
+    )
+    parser.add_argument("--last", type=int, default=2, help="steps averaged as 'the last steps'")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--keep", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument(
