@@ -121,8 +121,10 @@ def test_a_trial_can_be_rerun_from_the_ledger(tmp_path: Path) -> None:
     assert again.provenance["rerun_of"] == "baseline-t0"
 
 
-def test_cancelling_a_run_stops_its_trials_and_its_driver(tmp_path: Path) -> None:
-    args = ("+env=quick", "+model=offline", "+env.extra_env.QUICK_SLEEP_S=60", "env.hard_limit_s=120")
+@pytest.mark.parametrize("schedule", ["barrier", "steady"])
+def test_cancelling_a_run_stops_its_trials_and_its_driver(tmp_path: Path, schedule: str) -> None:
+    args = ("+env=quick", "+model=offline", f"strategy.schedule={schedule}", "+env.extra_env.QUICK_SLEEP_S=60",
+            "env.hard_limit_s=120")  # fmt: skip
     driver = subprocess.Popen(
         search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -179,8 +181,12 @@ def test_multirun_gives_each_search_its_own_directory(tmp_path: Path) -> None:
     assert all(len(ledger_module.load(r)["results"]) == 4 for r in runs)
 
 
-def test_ctrl_c_without_a_terminal_leaves_trials_running_for_the_next_driver(tmp_path: Path) -> None:
-    args = ("+env=quick", "+model=offline", "strategy.epochs=1", "+env.extra_env.QUICK_SLEEP_S=3")
+@pytest.mark.parametrize("schedule", ["barrier", "steady"])
+def test_ctrl_c_without_a_terminal_leaves_trials_running_for_the_next_driver(
+    tmp_path: Path, schedule: str
+) -> None:
+    args = ("+env=quick", "+model=offline", "strategy.epochs=1", f"strategy.schedule={schedule}",
+            "+env.extra_env.QUICK_SLEEP_S=3")  # fmt: skip
     driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     run_dir = tmp_path / RUN

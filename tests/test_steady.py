@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -113,39 +112,6 @@ def test_a_steady_driver_killed_mid_run_resumes_without_doing_anything_twice(
     assert runs and max(runs.values()) == 1, f"a trial ran twice: {runs}"
     assert len(runs) == (ran.status == "ok").sum(), "every trial that ran to the end logged it, once"
     assert (ran.submissions == 1).all(), ran[["trial_id", "status", "submissions"]].to_string()
-
-
-def test_cancelling_a_steady_run_stops_its_trials_and_its_driver(tmp_path: Path) -> None:
-    args = (*STEADY, "+env.extra_env.QUICK_SLEEP_S=60", "env.hard_limit_s=120")
-    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)  # fmt: skip
-    run_dir = tmp_path / RUN
-    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
-    cancel = subprocess.run(
-        [sys.executable, "-m", "hpc_executor.cancel", str(run_dir)], capture_output=True, text=True
-    )
-    assert cancel.returncode == 0 and "cancelled" in cancel.stdout
-    out, _ = driver.communicate(timeout=60)
-    assert driver.returncode == 2 and "was cancelled" in out and "Traceback" not in out
-    assert (ledger_module.load(run_dir)["results"].status == "cancelled").sum() >= 2
-
-
-def test_ctrl_c_leaves_a_steady_runs_trials_for_the_next_driver(tmp_path: Path) -> None:
-    args = (*STEADY, "+env.extra_env.QUICK_SLEEP_S=3")
-    driver = subprocess.Popen(search_cmd(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    run_dir = tmp_path / RUN
-    wait_for(lambda: len(list(run_dir.glob("trials/*/started.json"))) >= 2)
-    driver.send_signal(signal.SIGINT)
-    out, _ = driver.communicate(timeout=60)
-    assert driver.returncode == 130 and "hpc_executor.cancel" in out and "Traceback" not in out
-    proc = run_search(*args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    frames = ledger_module.load(run_dir)
-    check_complete(frames)
-    assert (frames["trials"].submissions <= 1).all(), (
-        "the trials left running were re-attached, not resubmitted"
-    )
 
 
 def test_an_unknown_schedule_is_rejected_before_any_work(tmp_path: Path) -> None:
