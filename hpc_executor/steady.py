@@ -45,6 +45,9 @@ class SteadyLoop:
         self.in_flight_limit = int(search.cfg.scheduler.max_parallel) or self.batch_size
         capacity = search.scheduler.capacity(search.shape)
         self.slots = self.in_flight_limit if capacity is None else min(capacity, self.in_flight_limit)
+        # where the scheduler queues what it gets (Slurm), the buffer waits in its queue, not in the
+        # driver: a freed GPU starts the next trial at once instead of after a poll and an sbatch
+        self.submit_limit = self.in_flight_limit + (self.ready_buffer if capacity is None else 0)
         self.asking: dict[Future[Proposal], Ask] = {}
         self.implementing: dict[Future[tuple[Patch | None, list[Call]]], Idea] = {}
         self.calls_made: dict[tuple[int, int], int] = {}  # (label, slot) -> ideator calls this session
@@ -168,7 +171,7 @@ class SteadyLoop:
         search = self.search
         if self._held():
             return 0
-        room = search.dispatcher.free_slots(self.in_flight_limit) or 0
+        room = search.dispatcher.free_slots(self.submit_limit) or 0
         for idea, patch in self._ready():
             applied = patch.status == PatchStatus.APPLIED
             if applied and room <= 0:
@@ -202,7 +205,7 @@ class SteadyLoop:
         for idea in self._to_implement():
             self.implementing[implement.submit(search.implementer.implement, idea)] = idea
         # the trials created since the last poll hold slots the dispatcher does not count yet
-        free = max(0, (search.dispatcher.free_slots(self.in_flight_limit) or 0) - self.created)
+        free = max(0, (search.dispatcher.free_slots(self.submit_limit) or 0) - self.created)
         coming = len(self._ready()) + len(self.implementing) + sum(len(a.group) for a in self.asking.values())
         want = free + self.ready_buffer - coming
         askable = self._askable() if want > 0 else []
