@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("hpc_executor.search")
 
 
+def trial_limits(in_flight_limit: int, capacity: int | None, ready_buffer: int) -> tuple[int, int]:
+    """(slots, trials submitted at most). Where the scheduler queues what it gets (capacity None:
+    Slurm), the ready buffer waits in its queue rather than in the driver, so a freed GPU starts the
+    next trial at once instead of after a poll and an sbatch; a local scheduler runs what it is
+    given, so it gets no more than its slots."""
+    if capacity is None:
+        return in_flight_limit, in_flight_limit + ready_buffer
+    slots = min(capacity, in_flight_limit)
+    return slots, slots
+
+
 class SteadyLoop:
     def __init__(self, search: Search) -> None:
         self.search = search
@@ -43,11 +54,9 @@ class SteadyLoop:
         self.ready_buffer = int(s.ready_buffer)
         # trials in flight at once where the scheduler sets no capacity (Slurm queues what it gets)
         self.in_flight_limit = int(search.cfg.scheduler.max_parallel) or self.batch_size
-        capacity = search.scheduler.capacity(search.shape)
-        self.slots = self.in_flight_limit if capacity is None else min(capacity, self.in_flight_limit)
-        # where the scheduler queues what it gets (Slurm), the buffer waits in its queue, not in the
-        # driver: a freed GPU starts the next trial at once instead of after a poll and an sbatch
-        self.submit_limit = self.in_flight_limit + (self.ready_buffer if capacity is None else 0)
+        self.slots, self.submit_limit = trial_limits(
+            self.in_flight_limit, search.scheduler.capacity(search.shape), self.ready_buffer
+        )
         self.asking: dict[Future[Proposal], Ask] = {}
         self.implementing: dict[Future[tuple[Patch | None, list[Call]]], Idea] = {}
         self.calls_made: dict[tuple[int, int], int] = {}  # (label, slot) -> ideator calls this session

@@ -21,6 +21,7 @@ from test_slurm import FAST, slurm
 
 from hpc_executor import ledger as ledger_module
 from hpc_executor.crashpoints import CRASH_ENV
+from hpc_executor.steady import trial_limits
 
 RUN = "outputs/quick-offline-evolution-seed0"
 STEADY = ("+env=quick", "+model=offline", "strategy.schedule=steady")
@@ -112,6 +113,12 @@ def test_a_steady_driver_killed_mid_run_resumes_without_doing_anything_twice(
     assert runs and max(runs.values()) == 1, f"a trial ran twice: {runs}"
     assert len(runs) == (ran.status == "ok").sum(), "every trial that ran to the end logged it, once"
     assert (ran.submissions == 1).all(), ran[["trial_id", "status", "submissions"]].to_string()
+
+
+def test_on_a_queueing_scheduler_the_ready_buffer_is_submitted_ahead_and_locally_it_is_not() -> None:
+    assert trial_limits(8, None, 2) == (8, 10), "Slurm: two trials wait in its queue for a freed GPU"
+    assert trial_limits(8, 3, 2) == (3, 3), "local: no more than the machine runs at once"
+    assert trial_limits(2, 5, 0) == (2, 2)
 
 
 def test_an_unknown_schedule_is_rejected_before_any_work(tmp_path: Path) -> None:
