@@ -150,12 +150,23 @@ class PenaltyConfig:
 
 
 @dataclass
+class FitnessSharingConfig:
+    """Divides an executed idea's reward by its number of near-duplicates in the step, to a power."""
+
+    enabled: bool = False
+    exponent: float = 1.0
+
+
+@dataclass
 class MitigationsConfig:
     """Reward shaping against the collapse onto a few easy ideas (README, "RL on the ideator")."""
 
     length_reward: LengthRewardConfig = field(default_factory=LengthRewardConfig)  # the paper's
     jaccard_penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the paper's: vs the previous step
     novelty_bonus: PenaltyConfig = field(default_factory=PenaltyConfig)  # ours: far from every earlier idea
+    fitness_sharing: FitnessSharingConfig = field(
+        default_factory=FitnessSharingConfig
+    )  # ours: within the step
 
 
 @dataclass
@@ -175,6 +186,7 @@ class RLStrategyConfig(StrategyConfig):
     clip_eps: float = 0.2  # GRPO-clip's ratio clip
     kl_coef: float = 0.0  # KL penalty towards the base model (paper: none)
     lora_rank: int = 32
+    updates_per_step: int = 1  # optimiser steps over each step's samples (paper: 1; PPO's epochs)
     temperature: float = 1.0  # sampling temperature (paper: 1.0)
     max_tokens: int = 2048  # per sample, thinking included
     # reward / measured baseline reward (1.0: as good as the baseline; failed ideas stay 0)

@@ -48,6 +48,7 @@ LOWER_BOUNDS: dict[str, int] = {
     "strategy.max_at_k": 1,
     "strategy.max_tokens": 1,
     "strategy.lora_rank": 1,
+    "strategy.updates_per_step": 1,
     "env.budget_s": 1,
     "env.hard_limit_s": 1,
     "env.eval_limit_s": 1,

@@ -232,6 +232,7 @@ def test_steps_and_group_size_count_the_run_whatever_the_environment_preset() ->
     assert OmegaConf.to_container(cfg.strategy.mitigations) == {
         "length_reward": {"enabled": False, "cap": 0.3, "per_char": 0.0001},
         "jaccard_penalty": {"enabled": False, "coef": 0.5}, "novelty_bonus": {"enabled": False, "coef": 0.5},
+        "fitness_sharing": {"enabled": False, "exponent": 1.0},
     }  # fmt: skip
 
 
@@ -243,6 +244,7 @@ def test_steps_and_group_size_count_the_run_whatever_the_environment_preset() ->
      ("strategy.kl_coef=-1", "strategy.kl_coef=-1.0 must be 0"),
      ("strategy.group_size=1", "strategy.group_size=1 is below its lowest sensible value 2"),
      ("strategy.steps=0", "strategy.steps=0 is below"),
+     ("strategy.updates_per_step=0", "strategy.updates_per_step=0 is below its lowest sensible value 1"),
      ("model.policy.backend=torchrl", "model.policy.backend='torchrl' is unknown; choose one of transformers"),
      ("model.policy.backend=no_such_module_xyz:Policy", "its module no_such_module_xyz is not in this installation"),
      ("model.policy.backend=fakes.policy:LOGITS_FILE", "fakes.policy has no Policy class LOGITS_FILE")],

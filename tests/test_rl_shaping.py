@@ -39,7 +39,10 @@ def test_nearest_jaccard_is_the_max_over_lower_cased_word_sets() -> None:
 
 def test_off_by_default_and_failed_samples_are_never_shaped() -> None:
     assert shaped(None) == REWARDS
-    everything = {name: {"enabled": True} for name in ("length_reward", "jaccard_penalty", "novelty_bonus")}
+    everything = {
+        name: {"enabled": True}
+        for name in ("length_reward", "jaccard_penalty", "novelty_bonus", "fitness_sharing")
+    }
     assert shaped(everything)[3:] == [0.0, 0.0], "a failed idea and a sample with no idea keep their 0"
 
 
@@ -59,6 +62,29 @@ def test_novelty_bonus_is_coef_times_the_distance_to_the_nearest_earlier_idea() 
     assert shaped(only("novelty_bonus", coef=0.5)) == pytest.approx([1.0, 0.75, 0.1, 0.0, 0.0])
 
 
+def test_fitness_sharing_divides_by_the_near_duplicates_in_the_step() -> None:
+    # "a b c d" has a copy in the step (the failed sample 3 counts: it took a sample of the group);
+    # "a b x y" (2/6 like it) and "p q r s" are alone; the sample with no idea is in no group
+    assert shaped(only("fitness_sharing")) == pytest.approx([0.5, 0.5, 0.0, 0.0, 0.0])
+    assert shaped(only("fitness_sharing", exponent=0.5)) == pytest.approx(
+        [1 / math.sqrt(2), 0.5, 0.0, 0.0, 0.0]
+    )
+    assert shaped(only("fitness_sharing", exponent=0)) == REWARDS
+
+
+def test_fitness_sharing_makes_a_rare_working_idea_worth_more_than_a_common_one() -> None:
+    texts = ["raise the lr", "raise the lr", "raise the lr", "add momentum", "a crash"]
+    executed = [True, True, True, True, False]
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.0]
+    plain = advantages(rewards, "grpo")
+    assert plain[0] == pytest.approx(plain[3]), (
+        "without it, copies of an easy idea earn as much as a rare one"
+    )
+    shared = advantages(shape_rewards(rewards, texts, [0] * 5, [], [], only("fitness_sharing"), executed=executed),
+                        "grpo")  # fmt: skip
+    assert shared[3] > shared[0] > shared[4]  # rare and working > common and working > failed
+
+
 def test_mitigations_add_up() -> None:
     cfg = OmegaConf.create({"length_reward": {"enabled": True, "cap": 0.3, "per_char": 0.0001},
                             "jaccard_penalty": {"enabled": True, "coef": 0.5},
@@ -76,7 +102,10 @@ def test_the_first_step_has_nothing_to_be_similar_to_or_novel_against() -> None:
 
 
 def test_a_step_where_every_idea_failed_stays_all_zero_and_teaches_nothing() -> None:
-    cfg = {name: {"enabled": True} for name in ("length_reward", "jaccard_penalty", "novelty_bonus")}
+    cfg = {
+        name: {"enabled": True}
+        for name in ("length_reward", "jaccard_penalty", "novelty_bonus", "fitness_sharing")
+    }
     rewards = shape_rewards([0.0] * 3, ["a", "b", ""], [10, 5000, 0], ["a"], ["a"], cfg, executed=[False] * 3)
     assert rewards == [0.0, 0.0, 0.0]
     assert advantages(rewards, "grpo") == [0.0, 0.0, 0.0]
@@ -88,6 +117,7 @@ def test_a_step_where_every_idea_failed_stays_all_zero_and_teaches_nothing() -> 
         (only("length_reward", cap=-0.3), r"length_reward\.cap must be a number >= 0"),
         (only("jaccard_penalty", coef=-1), r"jaccard_penalty\.coef must be a number >= 0"),
         (only("novelty_bonus", coef=float("nan")), r"novelty_bonus\.coef must be a number >= 0"),
+        (only("fitness_sharing", exponent=-1), r"fitness_sharing\.exponent must be a number >= 0"),
         ({"length_reward": {"enabled": "yes"}}, r"length_reward\.enabled must be true or false"),
         ({"length_reward": {"capp": 0.3}}, r"unknown key\(s\) capp; valid keys: enabled, cap, per_char"),
         ({"entropy_bonus": {}}, r"unknown mitigation\(s\) entropy_bonus: .* length_reward, jaccard_penalty"),
@@ -112,6 +142,9 @@ def test_describe_names_each_enabled_mitigation_and_whose_it_is() -> None:
     )
     assert "Jaccard penalty -0.5 x similarity to the previous step's ideas (paper)" in describe(
         only("jaccard_penalty")
+    )
+    assert describe(only("fitness_sharing")) == (
+        "reward shaping: fitness sharing: reward / near-duplicates in the step ^ 1 (ours) (executed ideas only)"
     )
 
 

@@ -194,6 +194,25 @@ def test_the_kl_penalty_is_measured_against_the_base(base: Path, tmp_path: Path)
     assert stats["loss"] == pytest.approx(stats["pg_loss"] + 0.5 * stats["kl_ref"])
 
 
+def test_several_updates_per_step_move_off_the_samples_version_within_the_clip(
+    base: Path, tmp_path: Path
+) -> None:
+    one = make_policy(base, tmp_path / "one")
+    samples = one.sample(PROMPT, 4, temperature=1.0, max_tokens=MAX_TOKENS, seed=5)
+    examples = examples_of(samples, [1.0, -1.0, 0.5, -0.5])
+    single = read_stats(one.train_step(examples, step=1, out_dir=tmp_path / "one" / "v"))
+    assert single["passes"] == 1.0 and single["kl_old"] == pytest.approx(0.0, abs=1e-6)
+
+    four = make_policy(base, tmp_path / "four", updates_per_step=4)
+    stats = read_stats(four.train_step(examples, step=1, out_dir=tmp_path / "four" / "v"))
+    # the last of four passes computes its ratios on weights three steps away from the sampler's
+    assert stats["passes"] == 4.0 and stats["kl_old"] > 1e-4 and stats["mean_ratio"] != pytest.approx(1.0)
+    assert stats["first_loss"] == pytest.approx(single["loss"], abs=1e-6)  # the first pass is the single step
+    assert stats["loss"] < stats["first_loss"]  # each pass lowered the surrogate
+    gain = [total_logprob(p, samples[0]) for p in (one, four)]
+    assert gain[1] > gain[0] + 0.5  # the best-rewarded sample gained more with more passes
+
+
 def test_a_broken_version_gives_an_error_that_says_what_to_do(base: Path, tmp_path: Path) -> None:
     policy = make_policy(base, tmp_path)
     samples = policy.sample(PROMPT, 2, temperature=1.0, max_tokens=MAX_TOKENS, seed=7)

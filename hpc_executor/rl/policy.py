@@ -43,6 +43,10 @@ class TrainSettings:
     clip_eps: float = 0.2  # GRPO-clip's ratio clip
     kl_coef: float = 0.0  # a KL penalty towards the base model (0: none, as in the paper)
     lora_rank: int = 32
+    # Optimiser steps per RL step, each over all the step's samples (PPO's epochs per batch): after
+    # the first, the policy is off the samples' version, which the importance ratio and the clip
+    # account for. 1 (the paper's): one step per group.
+    updates_per_step: int = 1
     seed: int = 0
     # The sampling temperature: recorded log-probs are the tempered sampler's, so the update computes
     # the trained policy's log-probs at the same temperature, or the importance ratios are off.

@@ -33,4 +33,5 @@ def problems(cfg: DictConfig) -> list[str]:
 def train_settings(cfg: DictConfig) -> TrainSettings:
     s = cfg.strategy
     return TrainSettings(loss=s.loss, learning_rate=s.learning_rate, clip_eps=s.clip_eps, kl_coef=s.kl_coef,
-                         lora_rank=s.lora_rank, temperature=s.temperature, seed=cfg.seed)  # fmt: skip
+                         lora_rank=s.lora_rank, updates_per_step=s.updates_per_step, temperature=s.temperature,
+                         seed=cfg.seed)  # fmt: skip

@@ -12,6 +12,13 @@ than the typical one. Each is a switch, all off by default:
 - ``novelty_bonus`` (ours): + coef × (1 − the idea's token-Jaccard similarity to the most similar idea
   of every earlier step), so an idea unlike anything tried so far earns up to coef. On the first step
   nothing came before and no one earns it (it would only be a bonus for executing).
+- ``fitness_sharing`` (ours, evolutionary computation's niche sharing): the reward divided by
+  (the number of the step's ideas in its near-duplicate group) ** exponent, before the additive terms.
+  Twenty copies of one easy idea share its reward, so a rarer idea that executes earns more than
+  each copy: at exponent 1 the policy's best response spreads its samples over the ideas that work
+  in proportion to their rewards, instead of piling them onto one. Groups are the metrics' own
+  (token Jaccard >= 0.6), so the quantity it acts on is the ``largest_group`` the table shows. It
+  needs no earlier step, and no coefficient in the environment's reward units.
 
 Token Jaccard is ``diversity.jaccard``'s: |A ∩ B| / |A ∪ B| of the lower-cased word sets of
 ``diversity.idea_text(title, description)``; it needs no model, is the same on every machine, and
@@ -61,13 +68,20 @@ class NoveltyBonus:
 
 
 @dataclass(frozen=True)
+class FitnessSharing:
+    enabled: bool = False
+    exponent: float = 1.0  # the reward is divided by the idea's group size to this power
+
+
+@dataclass(frozen=True)
 class Mitigations:
     length_reward: LengthReward = LengthReward()
     jaccard_penalty: JaccardPenalty = JaccardPenalty()
     novelty_bonus: NoveltyBonus = NoveltyBonus()
+    fitness_sharing: FitnessSharing = FitnessSharing()
 
 
-Section = TypeVar("Section", LengthReward, JaccardPenalty, NoveltyBonus)
+Section = TypeVar("Section", LengthReward, JaccardPenalty, NoveltyBonus, FitnessSharing)
 
 
 def mitigations(cfg: Mapping[str, Any] | None) -> Mitigations:
@@ -82,6 +96,7 @@ def mitigations(cfg: Mapping[str, Any] | None) -> Mitigations:
         length_reward=_section(plain, "length_reward", LengthReward),
         jaccard_penalty=_section(plain, "jaccard_penalty", JaccardPenalty),
         novelty_bonus=_section(plain, "novelty_bonus", NoveltyBonus),
+        fitness_sharing=_section(plain, "fitness_sharing", FitnessSharing),
     )
 
 
@@ -136,6 +151,10 @@ def shape_rewards(rewards: list[float], texts: list[str], thinking_chars: list[i
     shaped = [float(r) for r in rewards]
     scored = [i for i in range(n) if ran[i]]
     scored_texts = [texts[i] for i in scored]
+    if config.fitness_sharing.enabled:
+        for i, size in niche_sizes(texts).items():
+            if ran[i]:
+                shaped[i] /= size**config.fitness_sharing.exponent
     if config.length_reward.enabled:
         for i in scored:
             shaped[i] += config.length_reward.bonus(thinking_chars[i])
@@ -150,16 +169,28 @@ def shape_rewards(rewards: list[float], texts: list[str], thinking_chars: list[i
     return shaped
 
 
+def niche_sizes(texts: list[str]) -> dict[int, int]:
+    """For each sample with an idea (a non-empty text), how many of the step's ideas are in its group
+    of near-duplicates (itself included)."""
+    with_idea = [i for i, text in enumerate(texts) if text]
+    matrix = diversity.similarities([texts[i] for i in with_idea], diversity.JACCARD)
+    groups = diversity.clusters(matrix, diversity.NEAR_DUPLICATE[diversity.JACCARD])
+    return {with_idea[member]: len(group) for group in groups for member in group}
+
+
 def describe(cfg: Mapping[str, Any] | None) -> str:
     """One line for the plan: which mitigations shape the reward, with their numbers."""
     config = mitigations(cfg)
     length, penalty, novelty = config.length_reward, config.jaccard_penalty, config.novelty_bonus
+    sharing = config.fitness_sharing
     parts = [
         *([f"length reward +min({length.cap:g}, {length.per_char:g}/char of thinking) (paper)"]
           if length.enabled else []),
         *([f"Jaccard penalty -{penalty.coef:g} x similarity to the previous step's ideas (paper)"]
           if penalty.enabled else []),
         *([f"novelty bonus +{novelty.coef:g} x distance to all earlier ideas (ours)"] if novelty.enabled else []),
+        *([f"fitness sharing: reward / near-duplicates in the step ^ {sharing.exponent:g} (ours)"]
+          if sharing.enabled else []),
     ]  # fmt: skip
     shaped = "; ".join(parts) + " (executed ideas only)" if parts else "none"
     return f"reward shaping: {shaped}"

@@ -224,10 +224,11 @@ class TinkerPolicy(Policy):
         data = [to_datum(self.sdk, e) for e in examples]
         try:
             training = self._training_client()
-            backward = training.forward_backward(data, self.loss, self.loss_config)
-            optimise = training.optim_step(self.sdk.AdamParams(learning_rate=self.train.learning_rate))
-            backward.result()
-            optimise.result()
+            for _ in range(self.train.updates_per_step):  # each pass sees the weights the last one wrote
+                backward = training.forward_backward(data, self.loss, self.loss_config)
+                optimise = training.optim_step(self.sdk.AdamParams(learning_rate=self.train.learning_rate))
+                backward.result()
+                optimise.result()
             state = training.save_state(name).result().path
             sampler_path = training.save_weights_for_sampler(name).result().path
         except BaseException:

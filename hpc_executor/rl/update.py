@@ -174,33 +174,56 @@ def _step(
     examples: list[TrainingExample],
     train: TrainSettings,
 ) -> dict[str, float]:
-    """Loss, backward, AdamW. A batch that teaches nothing (every advantage 0 and no KL term) leaves
-    the weights and the optimiser state as they were: AdamW's momentum would otherwise move the
-    weights along an earlier step's gradient."""
+    """``train.updates_per_step`` passes of loss, backward, AdamW over all the examples; the stats are
+    the last pass's (its clip fraction and ``kl_old`` say how far the passes moved off the samples'
+    version) plus the first pass's loss. A batch that teaches nothing (every advantage 0 and no KL
+    term) leaves the weights and the optimiser state as they were: AdamW's momentum would otherwise
+    move the weights along an earlier step's gradient."""
     prompts = [e.prompt_tokens for e in examples]
     completions = [e.tokens for e in examples]
-    new, mask = completion_logprobs(model, prompts, completions, temperature=train.temperature)
-    old = torch.zeros_like(new)
+    width = max(len(c) for c in completions)
+    old = torch.zeros((len(examples), width))
     for i, e in enumerate(examples):
-        old[i, : len(e.logprobs)] = torch.tensor(e.logprobs, dtype=old.dtype, device=old.device)
+        old[i, : len(e.logprobs)] = torch.tensor(e.logprobs, dtype=old.dtype)
     ref = None
     if train.kl_coef:
         with torch.no_grad(), model.disable_adapter():
             ref, _ = completion_logprobs(model, prompts, completions, temperature=train.temperature)
-    advantages = torch.tensor([e.advantage for e in examples], dtype=new.dtype, device=new.device)
-    loss, stats = policy_loss(
+    advantages = torch.tensor([e.advantage for e in examples])
+    if not train.kl_coef and not advantages.any():
+        return {**_pass(model, examples, old, advantages, ref, train)[1], "skipped": 1.0, "passes": 0.0}
+    passes = []
+    for _ in range(train.updates_per_step):
+        loss, stats = _pass(model, examples, old, advantages, ref, train)
+        passes.append(stats)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {**passes[-1], "first_loss": passes[0]["loss"], "skipped": 0.0, "passes": float(len(passes))}
+
+
+def _pass(
+    model: PeftModel,
+    examples: list[TrainingExample],
+    old: torch.Tensor,
+    advantages: torch.Tensor,
+    ref: torch.Tensor | None,
+    train: TrainSettings,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of the current weights on the examples (one forward pass, gradients kept)."""
+    new, mask = completion_logprobs(
+        model,
+        [e.prompt_tokens for e in examples],
+        [e.tokens for e in examples],
+        temperature=train.temperature,
+    )
+    return policy_loss(
         new,
-        old,
-        advantages,
+        old.to(new.device, new.dtype),
+        advantages.to(new.device, new.dtype),
         mask,
         loss=train.loss,
         clip_eps=train.clip_eps,
         ref_logprobs=ref,
         kl_coef=train.kl_coef,
     )
-    teaches_nothing = not train.kl_coef and not advantages.any()
-    if not teaches_nothing:
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return {**stats, "skipped": float(teaches_nothing)}
