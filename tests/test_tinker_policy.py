@@ -1,7 +1,10 @@
-"""The Tinker policy with the real ``tinker`` SDK's types but an injected service client: Tinker's wire
-protocol (sessions, JWT auth, server-side futures) cannot be exercised without the service, so these
-tests check what the policy builds (Datum / ModelInput / SamplingParams / AdamParams, made by the SDK),
-the order of the calls it makes, how it reads the SDK's response types, and how a step resumes."""
+"""The Tinker policy with the real ``tinker`` SDK's types but an injected service client: these tests
+check what the policy builds (Datum / ModelInput / SamplingParams / AdamParams, made by the SDK), the
+order of the calls it makes, how it reads the SDK's response types, and how a step resumes, including
+the cases that are awkward to provoke over HTTP (a step cut short between its optimiser step and its
+checkpoint). The wire protocol itself (sessions, API-key auth, server-side futures, protobuf
+forward_backward and samples, retries) is exercised in test_tinker_wire.py, which runs the policy's own
+``tinker.ServiceClient`` against a loopback fake of the service (tests/fakes/tinker_server.py)."""
 
 from __future__ import annotations
 
@@ -189,6 +192,17 @@ def test_reinforce_is_importance_sampling_and_a_kl_term_is_refused(tmp_path: Pat
     assert [c[3:] for c in service.calls if c[0] == "forward_backward"] == [("importance_sampling", None)]
     with pytest.raises(ConfigError, match=r"strategy.kl_coef=0.1: Tinker's built-in losses have no KL term"):
         make(tmp_path, service, kl_coef=0.1)
+
+
+def test_several_updates_per_step_are_that_many_backward_and_optimiser_steps(tmp_path: Path) -> None:
+    service = Service()
+    make(tmp_path, service, updates_per_step=3).train_step(EXAMPLES, step=1, out_dir=tmp_path)
+    assert [n for n in names(service.calls) if n in ("forward_backward", "optim_step")] == [
+        "forward_backward", "optim_step"] * 3  # fmt: skip
+    assert names(service.calls)[-2:] == [
+        "save_state",
+        "save_weights_for_sampler",
+    ]  # saved once, after the last
 
 
 def test_a_step_cut_short_is_redone_under_new_names_and_a_finished_one_is_taken_as_it_is(
