@@ -30,11 +30,13 @@ import itertools
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
+
+from fakes.loopback import LoopbackServer
 
 SAMPLE_LENGTH = 4
 PROTOBUF = "application/x-protobuf"
@@ -82,7 +84,7 @@ class _Failure:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class FakeTinker:
+class FakeTinker(LoopbackServer):
     """The fake's state: sessions, models, checkpoints, samplers, pending futures and scripted failures."""
 
     def __init__(
@@ -108,23 +110,7 @@ class FakeTinker:
         self._futures: dict[str, _Future] = {}
         self._ids = itertools.count(1)
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeTinker:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        super().__init__(_handler_for(self), host, port)
 
     def fail(self, path: str, status: int, times: int = 1, headers: dict[str, str] | None = None) -> None:
         """The next ``times`` requests to ``path`` (e.g. ``/api/v1/optim_step``) answer ``status``."""

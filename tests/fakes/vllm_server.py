@@ -25,11 +25,15 @@ import os
 import sys
 import threading
 from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from hpc_executor.rl.policy import PolicyVersion, TrainingExample
+
+if __name__ == "__main__":  # run as the server's command: the fakes package is in the tests folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fakes.loopback import LoopbackServer
 
 COMPLETION_LENGTH = 5
 WEIGHTS_FILE = "fake_weights.json"
@@ -39,7 +43,7 @@ NO_LORA_MESSAGE = (
 )
 
 
-class FakeVllm:
+class FakeVllm(LoopbackServer):
     """The fake's state: the base model name, loaded adapters (name -> shift) and scripted failures."""
 
     def __init__(self, model: str, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -48,23 +52,7 @@ class FakeVllm:
         self.script: dict[str, Any] = {}
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeVllm:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        super().__init__(_handler_for(self), host, port)
 
     def answer(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         with self.lock:
