@@ -5,6 +5,7 @@ settings); the offline implementer mapping sampled text onto the catalog."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -80,6 +81,13 @@ def test_each_step_samples_a_group_runs_it_rewards_it_and_updates_the_policy(
     # step 0 was drawn by the base model, step 1 by the version step 0's update wrote
     assert (samples[samples.step == 0].policy_step == 0).all() and steps.version_step[0] == 1
     assert (samples[samples.step == 1].policy_step == 1).all()
+    # the preset's settings reached the update: rank 8, four clipped passes at 3e-3
+    update = json.loads((tmp_path / "run" / "policy" / "v0001" / "step_00001" / "update.json").read_text())
+    assert update["passes"] == 4.0
+    adapter = json.loads(
+        (tmp_path / "run" / "policy" / "v0001" / "step_00001" / "adapter_config.json").read_text()
+    )
+    assert adapter["r"] == 8
     assert (samples[samples.step == 1].policy_path == str(run_dir / "policy" / "v0001")).all()
     assert (run_dir / "policy" / "v0001" / "version.json").exists()
 
@@ -357,12 +365,12 @@ def test_a_tinker_policy_without_its_key_is_a_preflight_error(monkeypatch: pytes
 
 
 def test_the_readme_command_runs_the_tiny_policy_and_prints_the_step_table(tmp_path: Path) -> None:
-    """README's CPU preset, shorter: the tiny causal LM the code builds is sampled, rewarded by real
-    trials of the quick environment, and updated with peft on the CPU."""
+    """README's CPU preset (strategy=rl_tiny), shorter: the tiny causal LM the code builds is sampled,
+    rewarded by real trials of the quick environment, and updated with peft on the CPU."""
     pytest.importorskip("peft")
-    done = run_search("+env=quick", "+model=tiny_policy", "strategy=rl",
-                      "strategy.steps=2", "strategy.group_size=4", "strategy.learning_rate=1e-2",
-                      "report.enabled=false", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=600)  # fmt: skip
+    done = run_search("+env=quick", "+model=tiny_policy", "strategy=rl_tiny", "strategy.steps=2",
+                      "strategy.group_size=4", "report.enabled=false", f"hydra.run.dir={tmp_path / 'run'}",
+                      cwd=tmp_path, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "RL steps" in done.stdout and "distinct" in done.stdout
     steps = table(tmp_path / "run", "SELECT step, state, version_step FROM rl_steps ORDER BY step")
@@ -372,3 +380,10 @@ def test_the_readme_command_runs_the_tiny_policy_and_prints_the_step_table(tmp_p
     # seed 0's first group earns unequal rewards, so its update runs and step 1 samples from it
     assert steps.version_step[0] == 1 and (tmp_path / "run" / "policy" / "v0001" / "version.json").exists()
     assert (samples[samples.step == 1].policy_step == 1).all()
+    # the preset's settings reached the update: rank 8, four clipped passes at 3e-3
+    update = json.loads((tmp_path / "run" / "policy" / "v0001" / "step_00001" / "update.json").read_text())
+    assert update["passes"] == 4.0
+    adapter = json.loads(
+        (tmp_path / "run" / "policy" / "v0001" / "step_00001" / "adapter_config.json").read_text()
+    )
+    assert adapter["r"] == 8
