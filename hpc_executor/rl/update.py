@@ -191,7 +191,9 @@ def _step(
             ref, _ = completion_logprobs(model, prompts, completions, temperature=train.temperature)
     advantages = torch.tensor([e.advantage for e in examples])
     if not train.kl_coef and not advantages.any():
-        return {**_pass(model, examples, old, advantages, ref, train)[1], "skipped": 1.0, "passes": 0.0}
+        with torch.no_grad():
+            _, stats = _pass(model, examples, old, advantages, ref, train)
+        return {**stats, "skipped": 1.0, "passes": 0.0}
     passes = []
     for _ in range(train.updates_per_step):
         loss, stats = _pass(model, examples, old, advantages, ref, train)
