@@ -4,8 +4,10 @@ The job runs ``serve_in_job`` on its node: it picks a free port, writes ``{host,
 endpoint file in the run directory (on the shared filesystem), then waits on the server process,
 so that cancelling the job stops the server. The driver waits for that file and for the
 server's health check, points the role's client at ``http://host:port/v1``, and cancels the job
-when the run ends. A driver that was killed finds the job in the ledger when it runs again and
-adopts the server if it is still healthy, so neither a second server nor a leaked one is left.
+when the run ends. The job's token is recorded before it is submitted and its id right after,
+before the wait: a driver killed at any point finds the job when it runs again (by id, or by
+token) and adopts the server once it answers, or cancels it, so neither a second server nor a
+leaked one is left.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
+from hpc_executor.crashpoints import crash_point
 from hpc_executor.errors import PreflightError
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import Scheduler, SchedulerQueryError, Shape, find_call_when_answered
 from hpc_executor.trial_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -49,9 +54,13 @@ def serve_in_job(command: list[str], endpoint_file: str) -> None:
         raise RuntimeError(f"the model server {argv[0]} exited with status {code}")
 
 
+# Keeps a server's {token, job_id, since} where a later driver reads it (the ledger, a state file).
+Record = Callable[[dict[str, Any]], None]
+
+
 class ModelServer:
-    """One served model of a run; the caller keeps ``job_id`` in the ledger so that a restarted
-    driver can ``adopt`` the job."""
+    """One served model of a run; the caller keeps what ``start`` gives its ``record`` (in the
+    ledger, say) so that a restarted driver can ``resume`` the job."""
 
     def __init__(self, model: str, cfg: DictConfig, scheduler: Scheduler, folder: Path,
                  sleep: Callable[[float], None] = time.sleep) -> None:  # fmt: skip
@@ -77,41 +86,55 @@ class ModelServer:
             argv.append(arg)
         return argv
 
-    def adopt(self, job_id: str) -> str | None:
-        """The base URL of a server an earlier driver of this run started, when it still answers."""
+    def resume(self, saved: dict[str, Any], record: Record) -> str | None:
+        """The base URL of the server an earlier driver of this run started, from what it recorded
+        (see ``start``): its job, or the job found by its token when it was killed before it
+        recorded the id. A job still starting is waited for until its own startup deadline; one that
+        does not answer by then is cancelled (never two servers for one run), and None returned."""
+        job_id, token, since = saved.get("job_id"), saved.get("token"), saved.get("since")
+        if not job_id and token and since:
+            job_id = find_call_when_answered(self.scheduler, str(token), float(since), self._sleep, POLL_S)
+            if job_id:
+                record({"token": token, "job_id": job_id, "since": since})
+        if not job_id:
+            return None
+        self.job_id = str(job_id)
+        # a record without its start time (older runs): the server answers now or never
+        remaining = float(since) + float(self.cfg.startup_timeout_s) - time.time() if since else 0.0
         try:
-            state = self.scheduler.states([job_id])[job_id]
-        except SchedulerQueryError:
-            state = JobState.UNKNOWN
-        url = self._endpoint()
-        # sacct lags: a job that started seconds ago may still read pending, or unknown, and answer
-        if not state.finished and url and self._healthy(url):
-            self.job_id, self.url = job_id, url + "/v1"
-            log.info("re-using model server job %s at %s", job_id, url)
-            return self.url
-        self.scheduler.cancel([job_id])  # whatever is left of it: never two servers for one run
-        return None
+            url = self._await_health(time.monotonic() + remaining)
+        except PreflightError as exc:  # it ended: whoever starts the next one reports its own failure
+            log.warning("%s", exc)
+            return None
+        if url is None:
+            self.stop()
+            return None
+        log.info("re-using model server job %s at %s", self.job_id, url)
+        return url
 
-    def start(self) -> str:
+    def start(self, record: Record) -> str:
         """Submit the server job and wait until it answers its health check; returns the base URL
-        for the OpenAI-compatible client (``.../v1``)."""
+        for the OpenAI-compatible client (``.../v1``). ``record`` is given ``{token, job_id, since}``
+        before the job is submitted (job_id None: a job with this token may exist) and again with its
+        id at once after, before the wait (minutes), so that a killed driver's job is found."""
         self.folder.mkdir(parents=True, exist_ok=True)
         self.endpoint_file.unlink(missing_ok=True)
         name = f"serve-{self.model.rsplit('/', 1)[-1]}"
+        token, since = uuid.uuid4().hex[:12], time.time()
+        record({"token": token, "job_id": None, "since": since})
+        crash_point("model_server_before_submit")
         self.job_id = self.scheduler.submit_call(
-            serve_in_job, (self.command(), str(self.endpoint_file)), self.shape, name
+            serve_in_job, (self.command(), str(self.endpoint_file)), self.shape, name, token=token
         )
+        crash_point("model_server_after_submit")
+        record({"token": token, "job_id": self.job_id, "since": since})
+        crash_point("model_server_after_record")
         log.info("model server for %s: job %s, waiting up to %.0f s for it to answer",
                  self.model, self.job_id, self.cfg.startup_timeout_s)  # fmt: skip
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
-            url = self._endpoint()
-            if url and self._healthy(url):
-                log.info("model server for %s is up at %s", self.model, url)
-                self.url = url + "/v1"
-                return self.url
-            self._check_alive()
-            self._sleep(POLL_S)
+        url = self._await_health(time.monotonic() + self.cfg.startup_timeout_s)
+        if url is not None:
+            log.info("model server for %s is up at %s", self.model, url)
+            return url
         job = self.job_id
         self.stop()  # which forgets the job
         raise PreflightError(
@@ -119,6 +142,20 @@ class ModelServer:
             f"serve.startup_timeout_s={self.cfg.startup_timeout_s:g}s; it was cancelled. Its log: "
             f"{self._log_hint(job)}. Raise the timeout if the queue or the weights are slow."
         )
+
+    def _await_health(self, deadline: float) -> str | None:
+        """The job's base URL (``.../v1``) once its server answers; None if it has not by ``deadline``
+        (looked at once at least); PreflightError if the job ends first."""
+        while True:
+            url = self._endpoint()
+            # sacct lags: a job that started seconds ago may still read pending, or unknown, and answer
+            if url and self._healthy(url):
+                self.url = url + "/v1"
+                return self.url
+            self._check_alive()
+            if time.monotonic() >= deadline:
+                return None
+            self._sleep(POLL_S)
 
     def stop(self) -> None:
         if self.job_id:

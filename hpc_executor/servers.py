@@ -1,12 +1,15 @@
 """The served models of a run: one model-server job per distinct model and serve config, started
-when a role needs it, adopted by a later driver from the job id the ledger keeps, stopped when
+when a role needs it, adopted by a later driver from the record the ledger keeps, stopped when
 nothing is left to ask."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,8 +23,22 @@ ROLES = ("ideator", "implementer")
 
 
 def server_meta(key: str) -> str:
-    """The ledger's meta key that holds a server's job id while it is (meant to be) up."""
+    """The ledger's meta key that holds a server's record (``ModelServer.start``: its token, job id
+    and start time, as JSON) while it is (meant to be) up."""
     return f"model_server_job:{key}"
+
+
+def saved_record(value: str | None) -> dict[str, Any]:
+    """A server's record as the ledger keeps it; older runs kept the plain job id."""
+    try:
+        data = json.loads(value or "{}")
+    except ValueError:  # "123_4"
+        data = None
+    return data if isinstance(data, dict) else {"job_id": value}  # "12345" reads as a number
+
+
+def _record(ledger: Ledger, meta: str, record: dict[str, Any]) -> None:
+    ledger.set_meta(meta, json.dumps(record))
 
 
 class Servers:
@@ -39,18 +56,18 @@ class Servers:
 
     def start(self, ledger: Ledger) -> None:
         """Serve the open models that roles asked to have served, or adopt the ones an earlier driver
-        of this run left running; servers that are up already stay as they are. The job id is in the
-        ledger before the client is pointed at the server, so a killed driver's server is found."""
+        of this run left running; servers that are up already stay as they are. A server's token is in
+        the ledger before its job is submitted, and its job id right after, so a killed driver's
+        server is found (see ``ModelServer.start``)."""
         for role in self.roles_served():
             cfg = self.models[role]
             key = hashlib.sha256(f"{cfg.model}|{OmegaConf.to_yaml(cfg.serve)}".encode()).hexdigest()[:12]
             server = self._by_key.get(key)
             if server is None:
                 server = ModelServer(cfg.model, cfg.serve, self.scheduler, self.folder / key)
-                job_id = ledger.get_meta(server_meta(key))
-                if not (job_id and server.adopt(job_id)):
-                    server.start()
-                ledger.set_meta(server_meta(key), server.job_id)
+                record = partial(_record, ledger, server_meta(key))
+                if not server.resume(saved_record(ledger.get_meta(server_meta(key))), record):
+                    server.start(record)
                 self._by_key[key] = server
             llm = self.llm_of(role)
             assert isinstance(llm, RetryingLLM) and server.url  # serve.enabled is for openai_compatible

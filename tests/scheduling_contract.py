@@ -70,15 +70,15 @@ class SchedulerContract(abc.ABC):
         live = [j for j, s in sched.states(self.submitted).items() if not s.finished]
         sched.cancel(live)
 
-    def call(self, sched: Scheduler, fn: Any, *args: Any) -> str:
-        job_id = sched.submit_call(fn, args, SHAPE, job_name="hpcx-contract")
+    def call(self, sched: Scheduler, fn: Any, *args: Any, token: str | None = None) -> str:
+        job_id = sched.submit_call(fn, args, SHAPE, job_name="hpcx-contract", token=token)
         self.submitted.append(job_id)
         return job_id
 
-    def long_job(self, sched: Scheduler, tmp_path: Path) -> tuple[str, int]:
+    def long_job(self, sched: Scheduler, tmp_path: Path, token: str | None = None) -> tuple[str, int]:
         """A running job of ``sleep_after_writing_pid``, and the pid of the process running the function."""
         pid_file = tmp_path / f"pid-{uuid.uuid4().hex[:6]}"
-        job_id = self.call(sched, sleep_after_writing_pid, str(pid_file))
+        job_id = self.call(sched, sleep_after_writing_pid, str(pid_file), token=token)
         wait_for(
             lambda: pid_file.exists() and pid_file.read_text(), timeout=120, what=f"job {job_id} to start"
         )
@@ -180,6 +180,22 @@ class SchedulerContract(abc.ABC):
         )
         assert found == dict(zip(dirs, jobs, strict=True))
         wait_for(lambda: all((Path(d) / RESULT_FILE).exists() for d in dirs), what="the results")
+
+    def test_a_call_is_found_by_its_token_while_it_runs_and_after_it_ended(
+        self, scheduler: Scheduler, tmp_path: Path
+    ) -> None:
+        """A caller killed between submitting a call (a model server) and recording its id finds it by
+        the token, whether the job still runs or ended since; a token never used finds nothing."""
+        since = time.time()
+        running_token, ended_token = uuid.uuid4().hex[:12], uuid.uuid4().hex[:12]
+        running, _ = self.long_job(scheduler, tmp_path, token=running_token)
+        ended = self.call(scheduler, say, "done", token=ended_token)
+        self.final_state(scheduler, ended)
+        again = self.new_scheduler(scheduler.folder)
+        assert again.find_call(running_token, since) == running
+        # Slurm's accounting lists an ended job by its time a few seconds after it reads it by its id
+        wait_for(lambda: again.find_call(ended_token, since) == ended, timeout=60, what="the ended call")
+        assert again.find_call(uuid.uuid4().hex[:12], since) is None
 
     def test_capacity_is_max_parallel_when_set(self, tmp_path: Path) -> None:
         assert self.new_scheduler(tmp_path, max_parallel=3).capacity(SHAPE) == 3

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 import threading
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -173,9 +175,11 @@ def test_an_update_job_that_dies_is_an_error_and_running_again_resubmits(
     assert version.step == 1 and (out_dir / "runs.log").read_text().split() == ["1", "1"]
 
 
+@pytest.mark.parametrize("id_recorded", [True, False], ids=["job_id", "token_only"])
 def test_a_resumed_driver_waits_for_the_update_job_it_recorded_instead_of_resubmitting(
-    tmp_path: Path, fake: FakeVllm
+    tmp_path: Path, fake: FakeVllm, id_recorded: bool
 ) -> None:
+    """The killed driver recorded the job's id, or only its intent (the token) before submitting."""
     first = attached(tmp_path, fake)  # the driver that submitted the update, then was killed
     out_dir = tmp_path / "versions"
     out_dir.mkdir()
@@ -188,9 +192,11 @@ def test_a_resumed_driver_waits_for_the_update_job_it_recorded_instead_of_resubm
     # the recorded job's examples differ from those the resumed driver passes: the version tells who wrote it
     recorded = [TrainingExample([72, 105], [97], [-0.5], 3.0)]
     (tmp_path / "ex.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in recorded))
+    intent = {"token": uuid.uuid4().hex[:12], "since": time.time(), "step": 1}
     job_id = first.scheduler.submit_call(update_in_job, (held_update, fields | {"hold": str(hold)}, str(done_file)),
-                                         Shape(0, 1, 1, 300), "rl-update-1")  # fmt: skip
-    (done_file.parent / "step_00001.json").write_text(json.dumps({"job_id": job_id, "step": 1}))
+                                         Shape(0, 1, 1, 300), "rl-update-1", token=intent["token"])  # fmt: skip
+    saved = intent | {"job_id": job_id if id_recorded else None}
+    (done_file.parent / "step_00001.json").write_text(json.dumps(saved))
 
     resumed = make_policy(tmp_path)  # a new driver: same work dir, a new scheduler object
     resumed.server.url = fake.url + "/v1"

@@ -18,12 +18,14 @@ next ``sample`` (a restart costs the weights' load time, minutes, against hours 
 
 Update. ``train_step`` writes the examples as JSON lines and runs the update function (default:
 ``hpc_executor.rl.update.run_update``, peft + transformers) as a job of the ``update_*`` shape.
-Crash consistency: the job's id goes to ``<work_dir>/vllm/updates/step_NNNNN.json`` (intent before
-submitting, id after), and the job writes ``step_NNNNN.done.json`` once the version is complete;
-a resumed driver takes a finished version, waits on a job that still runs, and resubmits one
-that ended without a version (the update returns a completed version untouched, so a repeat is
-harmless). The server's job id goes to ``<work_dir>/vllm/server.json``, so a restarted driver
-adopts a server that still answers instead of starting a second one.
+Crash consistency: the job goes to ``<work_dir>/vllm/updates/step_NNNNN.json`` (an intent with the
+job's token before submitting, its id after), and the job writes ``step_NNNNN.done.json`` once the
+version is complete; a resumed driver takes a finished version, waits on a job that still runs
+(found by its token when only the intent was recorded), and resubmits one that ended without a
+version, or none that was submitted (the update returns a completed version untouched, so a
+repeat is harmless). The server goes to ``<work_dir>/vllm/server.json`` the same way (see
+``ModelServer.start``), so a restarted driver adopts a server that still answers instead of
+starting a second one.
 
 ``policy_cfg`` keys: see ``VllmPolicyConfig``.
 """
@@ -37,6 +39,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +53,7 @@ from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExampl
 from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape
+from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape, find_call_when_answered
 from hpc_executor.trial_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -171,17 +174,18 @@ class VllmLoraPolicy(Policy):
     def _ensure_server(self) -> str:
         """The server's root URL, starting it (or adopting the one an earlier driver left) if needed."""
         if self.server.url is None:
-            job_id = read_state(self._server_record).get("job_id")
-            if not (job_id and self.server.adopt(str(job_id))):
+            if not self.server.resume(read_state(self._server_record), self._record_server):
                 self._start_server()
-            write_atomic(self._server_record, json.dumps({"job_id": self.server.job_id}))
             self._loaded = None
         assert self.server.url is not None
         return self.server.url.removesuffix("/v1")
 
+    def _record_server(self, record: dict[str, Any]) -> None:
+        write_atomic(self._server_record, json.dumps(record))
+
     def _start_server(self) -> None:
         try:
-            self.server.start()
+            self.server.start(self._record_server)
         except PreflightError as exc:
             text = str(exc)
             if LORA_UNSUPPORTED.search(text):
@@ -302,8 +306,8 @@ class VllmLoraPolicy(Policy):
         if version is None:
             if not self.cfg.serve_during_execution:
                 self._stop_server()  # the update takes the GPUs; the server comes back to sample
-            job_id = read_state(record).get("job_id")
-            if not (job_id and self._still_running(str(job_id))):
+            job_id = self._recorded_update(read_state(record))
+            if not (job_id and self._still_running(job_id)):
                 job_id = self._submit_update(examples, step, Path(out_dir), record, done_file)
             version = self._wait_for_update(str(job_id), step, done_file)
         self.use(version)
@@ -319,13 +323,26 @@ class VllmLoraPolicy(Policy):
                   "out_dir": str(out_dir), "step": step, "train": self.train}  # fmt: skip
         shape = Shape(self.cfg.update_gpus, self.cfg.update_cpus, self.cfg.update_mem_gb,
                       int(self.cfg.update_time_limit_min) * 60)  # fmt: skip
-        write_atomic(record, json.dumps({"job_id": None, "step": step}))  # intent: a job may exist unrecorded
+        token = uuid.uuid4().hex[:12]
+        intent = {"token": token, "since": time.time(), "step": step}
+        write_atomic(record, json.dumps(intent | {"job_id": None}))  # a job with this token may exist
         job_id = self.scheduler.submit_call(
-            update_in_job, (self._update, fields, str(done_file)), shape, f"rl-update-{step}"
+            update_in_job, (self._update, fields, str(done_file)), shape, f"rl-update-{step}", token=token
         )
-        write_atomic(record, json.dumps({"job_id": job_id, "step": step}))
+        write_atomic(record, json.dumps(intent | {"job_id": job_id}))
         log.info("policy update for step %d: job %s", step, job_id)
         return job_id
+
+    def _recorded_update(self, saved: dict[str, Any]) -> str | None:
+        """The update job a driver of this run submitted for the step: the one its record names, or
+        the one found by the record's token when the driver was killed before it recorded the id."""
+        if saved.get("job_id"):
+            return str(saved["job_id"])
+        if saved.get("token") and saved.get("since"):
+            return find_call_when_answered(
+                self.scheduler, str(saved["token"]), float(saved["since"]), self._sleep, POLL_S
+            )
+        return None
 
     def _still_running(self, job_id: str) -> bool:
         """Whether a recorded update job can still finish (and should be waited on, not resubmitted)."""

@@ -5,6 +5,7 @@ from hpc_executor.scheduling.base import (
     Scheduler,
     SchedulerQueryError,
     Shape,
+    find_call_when_answered,
     make_scheduler,
     recorded_config,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "SchedulerQueryError",
     "Shape",
     "SlurmScheduler",
+    "find_call_when_answered",
     "make_scheduler",
     "parse_sacct",
     "recorded_config",

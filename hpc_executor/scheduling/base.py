@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hpc_executor.config import SchedulerConfig
 from hpc_executor.errors import ConfigError, HpcExecutorError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,22 @@ class Scheduler(abc.ABC):
         id, array index), for the directories whose job was found. Raises SchedulerQueryError."""
 
     @abc.abstractmethod
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
-        """Run one function call as a job of this shape (a model server, say); returns its job id."""
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        shape: Shape,
+        job_name: str,
+        token: str | None = None,
+    ) -> str:
+        """Run one function call as a job of this shape (a model server, say); returns its job id.
+        The job carries ``token`` (recorded before) so that ``find_call`` finds it should the caller
+        die before it records the id."""
+
+    @abc.abstractmethod
+    def find_call(self, token: str, since: float) -> str | None:
+        """The id of the job that ``submit_call`` launched with ``token`` (not before ``since``, a
+        time.time()), queued, running or ended; None when there is none. Raises SchedulerQueryError."""
 
     @abc.abstractmethod
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
@@ -111,6 +128,19 @@ class Scheduler(abc.ABC):
         """The job's stderr as submitit wrote it, in the job's own folder (``<folder>/<job id>/``)."""
         logs = sorted((self.folder / job_id).glob("*.err"), key=lambda p: p.stat().st_mtime)
         return logs[-1] if logs else None
+
+
+def find_call_when_answered(
+    scheduler: Scheduler, token: str, since: float, sleep: Callable[[float], None], poll_s: float
+) -> str | None:
+    """``scheduler.find_call``, asked again every ``poll_s`` while the scheduler cannot answer: until
+    it does, nobody can tell whether the job exists, and submitting it again may run it twice."""
+    while True:
+        try:
+            return scheduler.find_call(token, since)
+        except SchedulerQueryError as exc:
+            log.warning("cannot look for the job submitted with token %s: %s; asking again", token, exc)
+            sleep(poll_s)
 
 
 def typed_config(cfg: DictConfig, schema: type[SchedulerConfig]) -> DictConfig:

@@ -38,6 +38,7 @@ from submitit.core.utils import JobPaths, pickle_load
 
 from hpc_executor.config import LocalSchedulerConfig
 from hpc_executor.scheduling.base import JobState, Scheduler, Shape
+from hpc_executor.trial_dir import write_atomic
 from hpc_executor.worker import run_trial
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 SUBMISSION_ENV = "HPCX_SUBMISSION"  # "<token>:<index>" in a local job's environment
 CANCELLED_MARKER = "cancelled"  # in a job's folder: cancel() stopped it
 ENDED_RECORD = "ended"  # in a job's folder: the scheduler that started it saw it end
+CALL_ENV = "HPCX_CALL"  # the token of a submit_call job, in its environment
+CALL_MARKER = "call_token"  # in a job's folder: the token of the call it runs, written as it starts
 
 
 class LocalScheduler(Scheduler):
@@ -94,13 +97,33 @@ class LocalScheduler(Scheduler):
                 found[submissions[token][int(index)]] = (job_id, None)
         return found
 
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        shape: Shape,
+        job_name: str,
+        token: str | None = None,
+    ) -> str:
         executor = self._executor(shape)
         executor.update_parameters(visible_gpus=_free_gpus(shape, 1)[0])
-        with _outliving_the_terminal():
-            job = executor.submit(fn, *args)
+        with _outliving_the_terminal(), _environ(CALL_ENV, token):
+            job = executor.submit(_call_marked, token, fn, *args) if token else executor.submit(fn, *args)
         self._adopt(job)
         return job.job_id
+
+    def find_call(self, token: str, since: float) -> str | None:
+        """A live call carries its token in its environment; one that ended is found by the marker
+        its task wrote in the job's folder when it started. Not found: a call that ended before its
+        task wrote the marker (it ran none of the function, and holds nothing)."""
+        for pid, environ in _submitit_processes():
+            if environ.get(CALL_ENV) == token:
+                return environ.get("SUBMITIT_LOCAL_JOB_ID", str(pid))  # a task names its controller
+        for marker in self.folder.glob(f"*/{CALL_MARKER}"):
+            with contextlib.suppress(OSError):  # a folder being removed
+                if marker.read_text() == token and marker.stat().st_mtime >= since - 60:
+                    return marker.parent.name
+        return None
 
     def _executor(self, shape: Shape) -> submitit.LocalExecutor:
         executor = submitit.LocalExecutor(folder=self.folder / "%j")
@@ -115,6 +138,7 @@ class LocalScheduler(Scheduler):
         for leftover in (
             job_dir / CANCELLED_MARKER,
             job_dir / ENDED_RECORD,
+            job_dir / CALL_MARKER,
             JobPaths(job_dir, job.job_id, 0).result_pickle,
         ):
             leftover.unlink(missing_ok=True)
@@ -194,6 +218,13 @@ class LocalScheduler(Scheduler):
             f"  {controller}",
             f"Cancel: SIGTERM, then SIGKILL after scheduler.kill_wait_s={self.cfg.kill_wait_s}s.",
         ])  # fmt: skip
+
+
+def _call_marked(token: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """In the job: leave the call's token in the job's folder, where ``find_call`` finds it after the
+    job (and its environment) is gone, then run the call."""
+    write_atomic(submitit.JobEnvironment().paths.folder / CALL_MARKER, token)
+    return fn(*args)
 
 
 def _capacity_reason(shape: Shape) -> str:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import math
 import re
@@ -196,14 +197,37 @@ class SlurmScheduler(Scheduler):
                 found.update({d: (f"{array}_{i}", i) for i, d in enumerate(dirs)})
         return found
 
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        shape: Shape,
+        job_name: str,
+        token: str | None = None,
+    ) -> str:
         executor = submitit.SlurmExecutor(folder=self.folder / "%j")
-        params = self.sbatch_parameters(shape) | {"job_name": job_name}
+        name = f"{job_name}-{token}" if token else job_name  # readable, and found by its end
+        params = self.sbatch_parameters(shape) | {"job_name": name}
         params.pop("array_parallelism", None)
         executor.update_parameters(**params)
         job = executor.submit(fn, *args)
-        log.info("submitted %s as Slurm job %s", job_name, job.job_id)
+        log.info("submitted %s as Slurm job %s", name, job.job_id)
         return job.job_id
+
+    def find_call(self, token: str, since: float) -> str | None:
+        """By the job name's end (the caller's name is not known here): squeue for this user's queued
+        and running jobs, sacct for those that ended since ``since``."""
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since - 60))
+        queries = [
+            ["squeue", "-h", "-o", "%i|%j", "-u", getpass.getuser()],
+            ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobID,JobName", "-S", start],
+        ]
+        for cmd in queries:
+            for line in _ask(cmd).splitlines():
+                job_id, _, name = line.strip().partition("|")
+                if name.endswith(f"-{token}") and (match := _JOB_ID.match(job_id)):
+                    return match["job"]
+        return None
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         if not job_ids:

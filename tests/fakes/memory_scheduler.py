@@ -55,7 +55,7 @@ class MemoryScheduler(Scheduler):
         self.jobs: dict[str, FakeJob] = {}
         self.submits: list[list[str]] = []  # the trial directories of each submit call
         self.cancelled: list[str] = []
-        self.queries_fail = False  # states and find_submitted raise SchedulerQueryError
+        self.queries_fail = False  # states, find_submitted and find_call raise SchedulerQueryError
         self.durations: dict[str, int] = {}  # trial directory name -> ticks it runs (default 1)
         self.max_running = 0  # the most jobs seen running at once
         self._next_array = 100
@@ -90,11 +90,23 @@ class MemoryScheduler(Scheduler):
             if job.token in submissions
         }
 
-    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str) -> str:
+    def submit_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        shape: Shape,
+        job_name: str,
+        token: str | None = None,
+    ) -> str:
         job_id = str(self._next_array)
         self._next_array += 1
-        self.jobs[job_id] = FakeJob(None, None, 0, JobState.RUNNING)
+        self.jobs[job_id] = FakeJob(None, token, 0, JobState.RUNNING)
         return job_id
+
+    def find_call(self, token: str, since: float) -> str | None:
+        if self.queries_fail:
+            raise SchedulerQueryError("the fake scheduler is down")
+        return next((j for j, job in self.jobs.items() if job.trial_dir is None and job.token == token), None)
 
     def states(self, job_ids: list[str]) -> dict[str, JobState]:
         if self.queries_fail:
