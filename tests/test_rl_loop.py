@@ -81,13 +81,6 @@ def test_each_step_samples_a_group_runs_it_rewards_it_and_updates_the_policy(
     # step 0 was drawn by the base model, step 1 by the version step 0's update wrote
     assert (samples[samples.step == 0].policy_step == 0).all() and steps.version_step[0] == 1
     assert (samples[samples.step == 1].policy_step == 1).all()
-    # the preset's settings reached the update: rank 8, four clipped passes at 3e-3
-    update = json.loads((tmp_path / "run" / "policy" / "v0001" / "step_00001" / "update.json").read_text())
-    assert update["passes"] == 4.0
-    adapter = json.loads(
-        (tmp_path / "run" / "policy" / "v0001" / "step_00001" / "adapter_config.json").read_text()
-    )
-    assert adapter["r"] == 8
     assert (samples[samples.step == 1].policy_path == str(run_dir / "policy" / "v0001")).all()
     assert (run_dir / "policy" / "v0001" / "version.json").exists()
 
@@ -380,7 +373,7 @@ def test_the_readme_command_runs_the_tiny_policy_and_prints_the_step_table(tmp_p
     # seed 0's first group earns unequal rewards, so its update runs and step 1 samples from it
     assert steps.version_step[0] == 1 and (tmp_path / "run" / "policy" / "v0001" / "version.json").exists()
     assert (samples[samples.step == 1].policy_step == 1).all()
-    # the preset's settings reached the update: rank 8, four clipped passes at 3e-3
+    # the preset's settings reached the update: rank 8, four clipped passes
     update = json.loads((tmp_path / "run" / "policy" / "v0001" / "step_00001" / "update.json").read_text())
     assert update["passes"] == 4.0
     adapter = json.loads(
