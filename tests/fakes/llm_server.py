@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 try:
+    from fakes.loopback import LoopbackServer
     from fakes.prompt_cache import PromptCache, TooManyBreakpoints, Usage
 except ImportError:  # run as a script: this directory is on the path, not tests/
+    from loopback import LoopbackServer  # type: ignore[no-redef]
     from prompt_cache import PromptCache, TooManyBreakpoints, Usage  # type: ignore[no-redef]
 
 
@@ -337,7 +339,7 @@ ROUTES: dict[str, Api] = {
 }
 
 
-class FakeLLMServer:
+class FakeLLMServer(LoopbackServer):
     """Threaded HTTP server, by default on 127.0.0.1 with an OS-chosen port; use as a context manager.
 
     ``latency_s`` delays every answer (for concurrency benchmarks); ``max_in_flight`` is the most requests
@@ -362,29 +364,15 @@ class FakeLLMServer:
         self._script: list[Reply] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()  # wakes waiting handlers so close() is quick
-        self._httpd = _QuietServer((host, port), _handler_for(self))
-        self._httpd.daemon_threads = True
-        # A short poll interval keeps shutdown (and so each test) quick.
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        super().__init__(_handler_for(self), host, port, _QuietServer)
 
     def script(self, *items: Reply | int | str) -> None:
         with self._lock:
             self._script.extend(as_reply(item) for item in items)
 
-    def __enter__(self) -> FakeLLMServer:
-        self._thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self._closing.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+        super().__exit__(*exc)
 
     def _next(self, recorded: Recorded) -> Reply:
         with self._lock:

@@ -11,8 +11,14 @@ Server = TypeVar("Server", bound="LoopbackServer")
 
 
 class LoopbackServer:
-    def __init__(self, handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0) -> None:
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+    def __init__(
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        server_class: type[ThreadingHTTPServer] = ThreadingHTTPServer,
+    ) -> None:
+        self.httpd = server_class((host, port), handler)
         self.httpd.daemon_threads = True
         # A short poll interval keeps shutdown (and so each test) quick.
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)

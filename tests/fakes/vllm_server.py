@@ -31,9 +31,10 @@ from typing import Any
 
 from hpc_executor.rl.policy import PolicyVersion, TrainingExample
 
-if __name__ == "__main__":  # run as the server's command: the fakes package is in the tests folder
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fakes.loopback import LoopbackServer
+try:
+    from fakes.loopback import LoopbackServer
+except ImportError:  # run as the server's command, from this folder
+    from loopback import LoopbackServer  # type: ignore[no-redef]
 
 COMPLETION_LENGTH = 5
 WEIGHTS_FILE = "fake_weights.json"
