@@ -20,7 +20,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,14 @@ from omegaconf import DictConfig
 from hpc_executor.crashpoints import crash_point
 from hpc_executor.errors import PreflightError
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduling import Scheduler, SchedulerQueryError, Shape, find_call_when_answered
+from hpc_executor.scheduling import (
+    CallRecord,
+    Scheduler,
+    SchedulerQueryError,
+    Shape,
+    recorded_call,
+    submit_recorded_call,
+)
 from hpc_executor.trial_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -52,10 +58,6 @@ def serve_in_job(command: list[str], endpoint_file: str) -> None:
     code = server.wait()
     if code not in (0, -signal.SIGTERM):
         raise RuntimeError(f"the model server {argv[0]} exited with status {code}")
-
-
-# Keeps a server's {token, job_id, since} where a later driver reads it (the ledger, a state file).
-Record = Callable[[dict[str, Any]], None]
 
 
 class ModelServer:
@@ -86,19 +88,18 @@ class ModelServer:
             argv.append(arg)
         return argv
 
-    def resume(self, saved: dict[str, Any], record: Record) -> str | None:
+    def resume(self, saved: dict[str, Any], record: CallRecord) -> str | None:
         """The base URL of the server an earlier driver of this run started, from what it recorded
         (see ``start``): its job, or the job found by its token when it was killed before it
         recorded the id. A job still starting is waited for until its own startup deadline; one that
         does not answer by then is cancelled (never two servers for one run), and None returned."""
-        job_id, token, since = saved.get("job_id"), saved.get("token"), saved.get("since")
-        if not job_id and token and since:
-            job_id = find_call_when_answered(self.scheduler, str(token), float(since), self._sleep, POLL_S)
-            if job_id:
-                record({"token": token, "job_id": job_id, "since": since})
+        since = saved.get("since")
+        job_id = recorded_call(self.scheduler, saved, self._sleep, POLL_S)
         if not job_id:
             return None
-        self.job_id = str(job_id)
+        if not saved.get("job_id"):  # found by its token: the next driver needs no search
+            record({**saved, "job_id": job_id})
+        self.job_id = job_id
         # a record without its start time (older runs): the server answers now or never
         remaining = float(since) + float(self.cfg.startup_timeout_s) - time.time() if since else 0.0
         try:
@@ -112,7 +113,7 @@ class ModelServer:
         log.info("re-using model server job %s at %s", self.job_id, url)
         return url
 
-    def start(self, record: Record) -> str:
+    def start(self, record: CallRecord) -> str:
         """Submit the server job and wait until it answers its health check; returns the base URL
         for the OpenAI-compatible client (``.../v1``). ``record`` is given ``{token, job_id, since}``
         before the job is submitted (job_id None: a job with this token may exist) and again with its
@@ -120,14 +121,8 @@ class ModelServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.endpoint_file.unlink(missing_ok=True)
         name = f"serve-{self.model.rsplit('/', 1)[-1]}"
-        token, since = uuid.uuid4().hex[:12], time.time()
-        record({"token": token, "job_id": None, "since": since})
-        crash_point("model_server_before_submit")
-        self.job_id = self.scheduler.submit_call(
-            serve_in_job, (self.command(), str(self.endpoint_file)), self.shape, name, token=token
-        )
-        crash_point("model_server_after_submit")
-        record({"token": token, "job_id": self.job_id, "since": since})
+        self.job_id = submit_recorded_call(self.scheduler, serve_in_job, (self.command(), str(self.endpoint_file)),
+                                           self.shape, name, record, "model_server")  # fmt: skip
         crash_point("model_server_after_record")
         log.info("model server for %s: job %s, waiting up to %.0f s for it to answer",
                  self.model, self.job_id, self.cfg.startup_timeout_s)  # fmt: skip

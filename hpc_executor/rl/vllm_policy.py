@@ -39,7 +39,6 @@ import re
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +52,14 @@ from hpc_executor.rl.policy import Policy, PolicyVersion, Sample, TrainingExampl
 from hpc_executor.rl.policy_config import read_policy_config
 from hpc_executor.rl.state_file import read_state
 from hpc_executor.sandbox import tail
-from hpc_executor.scheduling import JobState, Scheduler, SchedulerQueryError, Shape, find_call_when_answered
+from hpc_executor.scheduling import (
+    JobState,
+    Scheduler,
+    SchedulerQueryError,
+    Shape,
+    recorded_call,
+    submit_recorded_call,
+)
 from hpc_executor.trial_dir import write_atomic
 
 log = logging.getLogger(__name__)
@@ -306,7 +312,7 @@ class VllmLoraPolicy(Policy):
         if version is None:
             if not self.cfg.serve_during_execution:
                 self._stop_server()  # the update takes the GPUs; the server comes back to sample
-            job_id = self._recorded_update(read_state(record))
+            job_id = recorded_call(self.scheduler, read_state(record), self._sleep, POLL_S)
             if not (job_id and self._still_running(job_id)):
                 job_id = self._submit_update(examples, step, Path(out_dir), record, done_file)
             version = self._wait_for_update(str(job_id), step, done_file)
@@ -323,26 +329,14 @@ class VllmLoraPolicy(Policy):
                   "out_dir": str(out_dir), "step": step, "train": self.train}  # fmt: skip
         shape = Shape(self.cfg.update_gpus, self.cfg.update_cpus, self.cfg.update_mem_gb,
                       int(self.cfg.update_time_limit_min) * 60)  # fmt: skip
-        token = uuid.uuid4().hex[:12]
-        intent = {"token": token, "since": time.time(), "step": step}
-        write_atomic(record, json.dumps(intent | {"job_id": None}))  # a job with this token may exist
-        job_id = self.scheduler.submit_call(
-            update_in_job, (self._update, fields, str(done_file)), shape, f"rl-update-{step}", token=token
-        )
-        write_atomic(record, json.dumps(intent | {"job_id": job_id}))
+
+        def keep(call: dict[str, Any]) -> None:  # the record names its step too
+            write_atomic(record, json.dumps(call | {"step": step}))
+
+        job_id = submit_recorded_call(self.scheduler, update_in_job, (self._update, fields, str(done_file)), shape,
+                                      f"rl-update-{step}", keep, "rl_update")  # fmt: skip
         log.info("policy update for step %d: job %s", step, job_id)
         return job_id
-
-    def _recorded_update(self, saved: dict[str, Any]) -> str | None:
-        """The update job a driver of this run submitted for the step: the one its record names, or
-        the one found by the record's token when the driver was killed before it recorded the id."""
-        if saved.get("job_id"):
-            return str(saved["job_id"])
-        if saved.get("token") and saved.get("since"):
-            return find_call_when_answered(
-                self.scheduler, str(saved["token"]), float(saved["since"]), self._sleep, POLL_S
-            )
-        return None
 
     def _still_running(self, job_id: str) -> bool:
         """Whether a recorded update job can still finish (and should be waited on, not resubmitted)."""

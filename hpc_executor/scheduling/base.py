@@ -12,6 +12,8 @@ import abc
 import dataclasses
 import enum
 import logging
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpc_executor.config import SchedulerConfig
+from hpc_executor.crashpoints import crash_point
 from hpc_executor.errors import ConfigError, HpcExecutorError
 
 log = logging.getLogger(__name__)
@@ -130,14 +133,40 @@ class Scheduler(abc.ABC):
         return logs[-1] if logs else None
 
 
-def find_call_when_answered(
-    scheduler: Scheduler, token: str, since: float, sleep: Callable[[float], None], poll_s: float
+# Keeps a call's {token, since, job_id} where a later driver reads it (the ledger, a state file).
+CallRecord = Callable[[dict[str, Any]], None]
+
+
+def submit_recorded_call(scheduler: Scheduler, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape,
+                         job_name: str, record: CallRecord, crash_prefix: str) -> str:  # fmt: skip
+    """``scheduler.submit_call`` with its intent recorded first: ``record`` gets the job's token
+    (job_id None: a job with this token may exist) before the submission and its id at once after,
+    so that ``recorded_call`` finds the job whichever line a killed driver stopped at. The crash
+    points ``<crash_prefix>_before_submit`` and ``_after_submit`` open the two windows for tests."""
+    token, since = uuid.uuid4().hex[:12], time.time()
+    record({"token": token, "since": since, "job_id": None})
+    crash_point(f"{crash_prefix}_before_submit")
+    job_id = scheduler.submit_call(fn, args, shape, job_name, token=token)
+    crash_point(f"{crash_prefix}_after_submit")
+    record({"token": token, "since": since, "job_id": job_id})
+    return job_id
+
+
+def recorded_call(
+    scheduler: Scheduler, saved: dict[str, Any], sleep: Callable[[float], None], poll_s: float
 ) -> str | None:
-    """``scheduler.find_call``, asked again every ``poll_s`` while the scheduler cannot answer: until
-    it does, nobody can tell whether the job exists, and submitting it again may run it twice."""
+    """The job a ``submit_recorded_call`` record names: its id, or, when the driver was killed before
+    it recorded the id, the job found by the record's token (None: it was never submitted). While
+    the scheduler cannot answer, it is asked again every ``poll_s``: until it does, nobody can tell
+    whether the job exists, and submitting it again may run it twice."""
+    if saved.get("job_id"):
+        return str(saved["job_id"])
+    token, since = saved.get("token"), saved.get("since")
+    if not (token and since):
+        return None
     while True:
         try:
-            return scheduler.find_call(token, since)
+            return scheduler.find_call(str(token), float(since))
         except SchedulerQueryError as exc:
             log.warning("cannot look for the job submitted with token %s: %s; asking again", token, exc)
             sleep(poll_s)
