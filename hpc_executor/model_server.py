@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_FILE = "endpoint.json"
 POLL_S = 2.0
+SUBMITIT_TRACEBACK = "Submitted job triggered an exception"  # submitit logs this line, then the traceback
 
 
 def serve_in_job(command: list[str], endpoint_file: str) -> None:
@@ -190,5 +191,16 @@ class ModelServer:
         log_path = self.scheduler.job_log(job_id or self.job_id or "")
         if log_path is None:
             return f"(no log found under {self.scheduler.folder})"
-        text = tail(log_path, 1500).strip()
+        text = server_output(tail(log_path, 8000))
         return str(log_path) + (f"\n{text}" if text else "")
+
+
+def server_output(log_text: str, max_chars: int = 1500) -> str:
+    """The end of what the server printed, then the job's exception. submitit appends the job
+    function's traceback to the same log; left in, its frames push the server's own error (the
+    line that says what to fix) out of a short tail."""
+    lines = log_text.strip().splitlines()
+    cut = next((i for i, line in enumerate(lines) if SUBMITIT_TRACEBACK in line), len(lines))
+    printed = "\n".join(lines[:cut])[-max_chars:]
+    raised = lines[-1] if cut < len(lines) else ""
+    return "\n".join(part for part in (printed, raised) if part)

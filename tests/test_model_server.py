@@ -22,7 +22,7 @@ from test_slurm import slurm
 from hpc_executor import ledger as ledger_module
 from hpc_executor.config import ServeConfig
 from hpc_executor.errors import PreflightError
-from hpc_executor.model_server import ModelServer, serve_in_job
+from hpc_executor.model_server import ModelServer, serve_in_job, server_output
 from hpc_executor.scheduling import JobState, Shape, make_scheduler
 from hpc_executor.servers import saved_record
 
@@ -111,6 +111,25 @@ def test_a_server_that_dies_at_start_says_so_with_its_log(tmp_path: Path) -> Non
     )
     with pytest.raises(PreflightError, match=r"ended \(\w+\) before it answered(.|\n)*no CUDA devices found"):
         server.start(lambda record: None)
+
+
+def test_the_log_hint_keeps_the_servers_error_however_long_submitits_traceback_is() -> None:
+    frames = "".join(
+        f'  File "/a/long/venv/path/site-packages/submitit/core/frame{i}.py", line {i}\n' for i in range(60)
+    )
+    log_text = (
+        "INFO loading weights\n"
+        "ValueError: Model GPT2LMHeadModel does not support LoRA, but LoRA is enabled.\n"
+        "submitit ERROR (2026-12-07 20:53:25,033) - Submitted job triggered an exception\n"
+        f"Traceback (most recent call last):\n{frames}"
+        "RuntimeError: the model server vllm exited with status 1\n"
+    )
+    hint = server_output(log_text)
+    assert "does not support LoRA, but LoRA is enabled" in hint
+    assert hint.endswith("RuntimeError: the model server vllm exited with status 1")
+    assert "frame" not in hint
+    assert server_output("just the server\n" * 500).endswith("just the server")
+    assert len(server_output("x" * 5000)) == 1500
 
 
 def test_a_server_that_never_answers_is_cancelled_at_the_timeout(tmp_path: Path) -> None:
