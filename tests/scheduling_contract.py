@@ -71,6 +71,7 @@ class SchedulerContract(abc.ABC):
         sched.cancel(live)
 
     def call(self, sched: Scheduler, fn: Any, *args: Any, token: str | None = None) -> str:
+        token = token or uuid.uuid4().hex[:12]
         job_id = sched.submit_call(fn, args, SHAPE, job_name="hpcx-contract", token=token)
         self.submitted.append(job_id)
         return job_id

@@ -264,7 +264,7 @@ def test_the_update_runs_as_a_local_scheduler_job(base: Path, tmp_path: Path) ->
     samples, spec = first_update(policy, tmp_path, seed=8)
     scheduler = LocalScheduler(OmegaConf.structured(LocalSchedulerConfig()), tmp_path / "jobs")
     job = scheduler.submit_call(
-        run_update, (spec,), Shape(gpus=0, cpus=1, mem_gb=2, time_limit_s=300), "rl-update"
+        run_update, (spec,), Shape(gpus=0, cpus=1, mem_gb=2, time_limit_s=300), "rl-update", "updatetoken1"
     )
     deadline = time.monotonic() + 240
     while not scheduler.states([job])[job].finished:

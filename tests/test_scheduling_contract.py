@@ -84,7 +84,7 @@ class TestLocalScheduler(SchedulerContract):
             "from hpc_executor.scheduling import LocalScheduler, Shape\n"
             f"s = LocalScheduler(OmegaConf.create({{'name': 'local'}}), Path({str(folder)!r}))\n"
             "shape = Shape(gpus=0, cpus=1, mem_gb=1, time_limit_s=60)\n"
-            "print(s.submit_call(sys.exit, (1,), shape, 'x'), s.submit_call(print, ('hi',), shape, 'y'))\n"
+            "print(s.submit_call(sys.exit, (1,), shape, 'x', 't1'), s.submit_call(print, ('hi',), shape, 'y', 't2'))\n"
         )
         proc = subprocess.run(
             [sys.executable, "-c", submit], capture_output=True, text=True, timeout=60, check=True

@@ -97,14 +97,8 @@ class Scheduler(abc.ABC):
         id, array index), for the directories whose job was found. Raises SchedulerQueryError."""
 
     @abc.abstractmethod
-    def submit_call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        shape: Shape,
-        job_name: str,
-        token: str | None = None,
-    ) -> str:
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str,
+                    token: str) -> str:  # fmt: skip
         """Run one function call as a job of this shape (a model server, say); returns its job id.
         The job carries ``token`` (recorded before) so that ``find_call`` finds it should the caller
         die before it records the id."""

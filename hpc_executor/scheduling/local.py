@@ -97,18 +97,12 @@ class LocalScheduler(Scheduler):
                 found[submissions[token][int(index)]] = (job_id, None)
         return found
 
-    def submit_call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        shape: Shape,
-        job_name: str,
-        token: str | None = None,
-    ) -> str:
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str,
+                    token: str) -> str:  # fmt: skip
         executor = self._executor(shape)
         executor.update_parameters(visible_gpus=_free_gpus(shape, 1)[0])
         with _outliving_the_terminal(), _environ(CALL_ENV, token):
-            job = executor.submit(_call_marked, token, fn, *args) if token else executor.submit(fn, *args)
+            job = executor.submit(_call_marked, token, fn, *args)
         self._adopt(job)
         return job.job_id
 

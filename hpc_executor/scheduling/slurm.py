@@ -197,16 +197,10 @@ class SlurmScheduler(Scheduler):
                 found.update({d: (f"{array}_{i}", i) for i, d in enumerate(dirs)})
         return found
 
-    def submit_call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        shape: Shape,
-        job_name: str,
-        token: str | None = None,
-    ) -> str:
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str,
+                    token: str) -> str:  # fmt: skip
         executor = submitit.SlurmExecutor(folder=self.folder / "%j")
-        name = f"{job_name}-{token}" if token else job_name  # readable, and found by its end
+        name = f"{job_name}-{token}"  # readable, and found by its end
         params = self.sbatch_parameters(shape) | {"job_name": name}
         params.pop("array_parallelism", None)
         executor.update_parameters(**params)

@@ -90,14 +90,8 @@ class MemoryScheduler(Scheduler):
             if job.token in submissions
         }
 
-    def submit_call(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        shape: Shape,
-        job_name: str,
-        token: str | None = None,
-    ) -> str:
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], shape: Shape, job_name: str,
+                    token: str) -> str:  # fmt: skip
         job_id = str(self._next_array)
         self._next_array += 1
         self.jobs[job_id] = FakeJob(None, token, 0, JobState.RUNNING)
