@@ -164,9 +164,8 @@ class MitigationsConfig:
     length_reward: LengthRewardConfig = field(default_factory=LengthRewardConfig)  # the paper's
     jaccard_penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the paper's: vs the previous step
     novelty_bonus: PenaltyConfig = field(default_factory=PenaltyConfig)  # ours: far from every earlier idea
-    fitness_sharing: FitnessSharingConfig = field(
-        default_factory=FitnessSharingConfig
-    )  # ours: within the step
+    # ours: reward shared among the step's near-duplicates
+    fitness_sharing: FitnessSharingConfig = field(default_factory=FitnessSharingConfig)
 
 
 @dataclass

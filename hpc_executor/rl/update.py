@@ -190,42 +190,22 @@ def _step(
         with torch.no_grad(), model.disable_adapter():
             ref, _ = completion_logprobs(model, prompts, completions, temperature=train.temperature)
     advantages = torch.tensor([e.advantage for e in examples])
+
+    def loss_now() -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of the current weights on the examples (one forward pass, gradients kept)."""
+        new, mask = completion_logprobs(model, prompts, completions, temperature=train.temperature)
+        return policy_loss(new, old.to(new.device, new.dtype), advantages.to(new.device, new.dtype), mask,
+                           loss=train.loss, clip_eps=train.clip_eps, ref_logprobs=ref, kl_coef=train.kl_coef)  # fmt: skip
+
     if not train.kl_coef and not advantages.any():
         with torch.no_grad():
-            _, stats = _pass(model, examples, old, advantages, ref, train)
+            _, stats = loss_now()
         return {**stats, "skipped": 1.0, "passes": 0.0}
     passes = []
     for _ in range(train.updates_per_step):
-        loss, stats = _pass(model, examples, old, advantages, ref, train)
+        loss, stats = loss_now()
         passes.append(stats)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return {**passes[-1], "first_loss": passes[0]["loss"], "skipped": 0.0, "passes": float(len(passes))}
-
-
-def _pass(
-    model: PeftModel,
-    examples: list[TrainingExample],
-    old: torch.Tensor,
-    advantages: torch.Tensor,
-    ref: torch.Tensor | None,
-    train: TrainSettings,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss of the current weights on the examples (one forward pass, gradients kept)."""
-    new, mask = completion_logprobs(
-        model,
-        [e.prompt_tokens for e in examples],
-        [e.tokens for e in examples],
-        temperature=train.temperature,
-    )
-    return policy_loss(
-        new,
-        old.to(new.device, new.dtype),
-        advantages.to(new.device, new.dtype),
-        mask,
-        loss=train.loss,
-        clip_eps=train.clip_eps,
-        ref_logprobs=ref,
-        kl_coef=train.kl_coef,
-    )
